@@ -1,0 +1,3 @@
+"""sparse_jax: activation-sparse Transformer MLPs in JAX/Flax."""
+
+__version__ = "0.1.0"
