@@ -1,0 +1,14 @@
+"""Tiny ViT on the embedded handwritten digits: sparsified (default) vs vanilla.
+
+1,797 real 8x8 digits from scikit-learn (no download), upsampled to 16 px, 4x4 patches
+(17 tokens), 4 layers of width 64 with MLP width 256. About 3 minutes on 2 CPU cores.
+
+  python -m sparse_jax.main --config configs/default.py --workdir /tmp/sparse_jax/digits_sparsified
+  python -m sparse_jax.main --config configs/default.py:vanilla --workdir /tmp/sparse_jax/digits_vanilla
+"""
+from sparse_jax.config_schema import apply_variant, base_config, split_args
+
+
+def get_config(arg: str | None = None):
+  (variant,) = split_args(arg, ("sparsified", "vanilla"), ("sparsified",))
+  return apply_variant(base_config(), variant)

@@ -1,0 +1,128 @@
+"""Every config key the trainer reads, with its default and meaning.
+
+Experiment files in `configs/` start from `base_config()`, set what differs, and pick a
+variant with `apply_variant`. The returned ConfigDict is locked, so a misspelled key on
+the command line (`--config.nonexistent_key=1`) is rejected instead of ignored.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from sparse_jax.errors import ConfigError
+
+VARIANTS = ("sparsified", "vanilla")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all experiments (a tiny sparsified ViT on the digits set)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.variant = "sparsified"  # Informational: which variant apply_variant() applied.
+
+  # Model (only 'vit' in this release).
+  c.model = ml_collections.ConfigDict(dict(
+      name="vit", patch_size=4, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=256,
+      dtype="float32"))  # Activation dtype; parameters stay float32.
+
+  # The sparsity modules of Peng et al.; apply_variant() sets them as a group.
+  c.sparsity = ml_collections.ConfigDict(dict(
+      activation="jsrelu",               # 'relu' | 'jsrelu' | 'mixed'
+      activation_mixing_steps=0,         # T_mix for 'mixed' (0 = direct swap).
+      zeroth_bias_position="mlp_output",  # 'none' | 'mlp_output' (official code) | 'mlp_input' (paper)
+      zeroth_bias_clipping=config_dict.placeholder(float),  # c of |b| <= c|gamma|; None = unclipped
+      restricted_norm=True,              # Pre-MLP LayerNorm without bias, projected scale.
+      norm_projection="clamp",           # 'clamp' (gamma >= 1, from scratch) | 'uplift' (finetune)
+      uplift_steps=0,                    # T_up of the uplift.
+      weight_noise=0.0,                  # rho of per-token weight noise on both MLP denses.
+  ))
+  c.sparsity.zeroth_bias_clipping = 0.1
+
+  # Data.
+  c.dataset = "sklearn_digits"       # 'sklearn_digits' (embedded) | 'imagenet2012'
+  c.data_dir = config_dict.placeholder(str)    # tfds data_dir (None = tfds default)
+  c.manual_dir = config_dict.placeholder(str)  # ImageNet manual download dir
+  c.image_size = 16
+  c.num_classes = 10
+  c.batch_size = 128                 # Global train batch over all devices and hosts.
+  c.eval_batch_size = 256            # Global eval batch.
+  c.input = ml_collections.ConfigDict(dict(
+      shuffle_buffer=2048, crop="pad_crop", flip=False, randaugment_layers=0,
+      randaugment_magnitude=0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
+      eval_resize=16))
+
+  # Optimization (AdamW).
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, weight_decay=0.1,
+      weight_decay_exclude="",   # Regex on '/'-joined param paths exempt from decay ('' = none).
+      b1=0.9, b2=0.999, grad_clip_norm=1.0,
+      schedule="cosine",         # 'cosine' | 'constant' | 'inverse_sqrt'
+      warmup_steps=50))
+  c.num_steps = 1000
+
+  # Loop.
+  c.log_every = 100      # Train metrics (incl. sparsity) every this many steps.
+  c.eval_every = 500     # Also evaluated at the end.
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 3
+
+  # Parallelism: mesh over ('data', 'fsdp', 'tensor'); -1 = all remaining devices.
+  c.mesh_shape = (-1, 1, 1)
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Sets the sparsity switches for 'sparsified' (JSReLU + zeroth bias + restricted LN)
+  or 'vanilla' (plain ReLU MLP, ordinary LayerNorm)."""
+  if variant not in VARIANTS:
+    raise ConfigError(f"Unknown variant {variant!r}.\n"
+                      f"Fix: use one of {', '.join(VARIANTS)}, e.g. "
+                      f"--config configs/default.py:{VARIANTS[0]}")
+  c.variant = variant
+  s = c.sparsity
+  if variant == "vanilla":
+    s.activation, s.zeroth_bias_position, s.restricted_norm = "relu", "none", False
+  else:
+    s.activation, s.zeroth_bias_position, s.restricted_norm = "jsrelu", "mlp_output", True
+  return c
+
+
+def split_args(arg: str | None, known: tuple[str, ...], default: tuple[str, ...]
+               ) -> tuple[str, ...]:
+  """Parses 'a,b' config arguments, rejecting words outside `known`."""
+  words = tuple(w.strip() for w in (arg or "").split(",") if w.strip()) or default
+  for w in words:
+    if w not in known:
+      raise ConfigError(f"Unknown config argument {w!r}.\n"
+                        f"Fix: use comma-separated words from {', '.join(known)}.")
+  return words
+
+
+def _choice(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f"config.{name}={value!r} is not supported.\n"
+                      f"Fix: set --config.{name} to one of {', '.join(map(repr, allowed))}.")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Static checks that need no devices or data; raises ConfigError naming the fix."""
+  s, m, o = c.sparsity, c.model, c.optimizer
+  _choice("sparsity.activation", s.activation, ("relu", "jsrelu", "mixed"))
+  _choice("sparsity.zeroth_bias_position", s.zeroth_bias_position,
+          ("none", "mlp_input", "mlp_output"))
+  _choice("sparsity.norm_projection", s.norm_projection, ("clamp", "uplift"))
+  _choice("optimizer.schedule", o.schedule, ("cosine", "constant", "inverse_sqrt"))
+  _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+  if c.image_size % m.patch_size:
+    raise ConfigError(f"image_size={c.image_size} is not a multiple of "
+                      f"model.patch_size={m.patch_size}.\n"
+                      "Fix: choose an image_size divisible by the patch size.")
+  if m.hidden_size % m.num_heads:
+    raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                      f"model.num_heads={m.num_heads}.\nFix: change one of them.")
+  for key in ("num_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
+              "checkpoint_every"):
+    if c[key] <= 0:
+      raise ConfigError(f"config.{key}={c[key]} must be positive.\n"
+                        f"Fix: pass --config.{key}=<a positive integer>.")
+  if s.weight_noise < 0:
+    raise ConfigError(f"sparsity.weight_noise={s.weight_noise} must be >= 0.\n"
+                      "Fix: pass --config.sparsity.weight_noise=0.1 (or 0 to disable).")

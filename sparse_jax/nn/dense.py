@@ -1,0 +1,48 @@
+"""Dense layers with logical axis names and optional weight noise."""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparse_jax.ops import weight_noise
+
+Dtype = Any
+WEIGHT_NOISE_RNG = "weight_noise"
+
+
+class NoisyDense(nn.Module):
+  """y = x W + b with logical axes (in_axis, out_axis) and optional weight noise.
+
+  Weight noise (rho > 0) is drawn only when `deterministic=False` and the caller
+  passed an rng stream named "weight_noise" to `apply`, so eval is always noise-free.
+  """
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = True
+  weight_noise: float = 0.0
+  kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), self.axes[-1:]), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    if self.weight_noise > 0 and not deterministic and self.has_rng(WEIGHT_NOISE_RNG):
+      y = weight_noise.dense_output_noise(y, x, kernel, self.weight_noise,
+                                          self.make_rng(WEIGHT_NOISE_RNG))
+    return y
+
+
+def layer_norm(name: str, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
+               epsilon: float = 1e-6) -> nn.LayerNorm:
+  """A LayerNorm whose scale and bias carry the logical axis 'embed'."""
+  return nn.LayerNorm(
+      name=name, use_bias=use_bias, dtype=dtype, epsilon=epsilon,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))

@@ -1,0 +1,83 @@
+"""Device mesh and logical-axis sharding rules.
+
+One mesh with axes ('data', 'fsdp', 'tensor'). Parameters carry logical axis names
+(`embed`, `mlp`, `heads`, `kv`, `vocab`, `classes`, `position`, ...) and the config's
+rules map them onto mesh axes; batches are split over ('data', 'fsdp').
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparse_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("classes", None),
+    ("position", None),
+    ("patch_height", None),
+    ("patch_width", None),
+    ("channels", None),
+)
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills one -1 entry so the product is `num_devices`; ConfigError if impossible."""
+  shape = [int(s) for s in mesh_shape]
+  if len(shape) != len(MESH_AXES):
+    raise ConfigError(f"mesh_shape={tuple(shape)} must have {len(MESH_AXES)} entries for "
+                      f"the axes {MESH_AXES}.\nFix: e.g. --config.mesh_shape='(-1, 1, 1)'.")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f"mesh_shape={tuple(shape)}: use positive sizes and at most one -1."
+                      "\nFix: e.g. --config.mesh_shape='(-1, 1, 1)'.")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ConfigError(
+          f"mesh_shape={tuple(shape)}: {num_devices} devices cannot be split into "
+          f"groups of {known}.\nFix: choose mesh_shape entries whose product divides "
+          f"{num_devices}, e.g. --config.mesh_shape='(-1, 1, 1)'.")
+    shape[shape.index(-1)] = num_devices // known
+  if int(np.prod(shape)) != num_devices:
+    raise ConfigError(
+        f"mesh_shape={tuple(shape)} has {int(np.prod(shape))} devices but "
+        f"{num_devices} are present.\nFix: make the product of mesh_shape equal "
+        f"{num_devices}, or use -1 for one axis: --config.mesh_shape='(-1, 1, 1)'.")
+  return tuple(shape)
+
+
+def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_shape, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Number of shards a batch is split into."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for a tree of (abstract) nn.Partitioned leaves; others replicated."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))

@@ -1,0 +1,454 @@
+"""train_and_evaluate(config, workdir): the training loop of every sparse_jax experiment.
+
+Order of work, so that bad input fails before anything is compiled or written:
+validate config -> mesh/batch checks -> workdir checks -> dataset checks -> build
+abstract state -> (write config.json) -> restore or init -> loop -> eval -> summary.json.
+"""
+import dataclasses
+import functools
+import json
+import os
+import re
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from sparse_jax import checkpoint as ckpt_lib
+from sparse_jax import config_schema, metrics, sharding
+from sparse_jax.errors import ConfigError
+from sparse_jax.models import build_model
+from sparse_jax.ops.activations import mixing_coefficient
+from sparse_jax.transforms.projections import ProjectionRule, with_projections
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when the loss or gradient norm stops being finite."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  o = config.optimizer
+  warmup = max(int(o.warmup_steps), 0)
+  if o.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup),
+                                 optax.constant_schedule(o.learning_rate)], [warmup]) \
+        if warmup else optax.constant_schedule(o.learning_rate)
+  if o.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else o.learning_rate,
+                                              o.learning_rate, warmup, config.num_steps)
+  # inverse_sqrt: linear warmup, then lr * sqrt(warmup / step).
+  w = max(warmup, 1)
+  return lambda step: o.learning_rate * jnp.minimum(
+      jnp.maximum(step, 1) / w, jnp.sqrt(w / jnp.maximum(step, 1)))
+
+
+def projection_rule(config: ml_collections.ConfigDict) -> ProjectionRule | None:
+  """The post-update projections the config's sparsity modules need (None = none)."""
+  s = config.sparsity
+  has_bias = s.zeroth_bias_position != "none"
+  clipping = s.zeroth_bias_clipping if has_bias else None
+  norm = s.norm_projection if s.restricted_norm else None
+  if clipping is None and norm is None:
+    return None
+  return ProjectionRule(zeroth_bias_clipping=clipping, norm_projection=norm,
+                        uplift_steps=s.uplift_steps)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  exclude = o.weight_decay_exclude
+
+  regex = re.compile(exclude) if exclude else None
+
+  def decay_mask(params):
+    def decayed(path, _):
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      return regex is None or regex.search(name) is None
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+  chain = []
+  if o.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  chain.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2,
+                           weight_decay=o.weight_decay, mask=decay_mask))
+  tx = optax.chain(*chain)
+  rule = projection_rule(config)
+  return with_projections(tx, rule) if rule else tx
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything derived from a config before any array is allocated."""
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  boxed_params: Any          # Abstract params with logical axis names.
+  state_shapes: TrainState   # Abstract train state.
+  state_shardings: TrainState
+
+  @property
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state_shapes.params))
+
+
+def _dummy_images(config) -> jax.Array:
+  return jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Global batches must split evenly over data-parallel devices and processes."""
+  shards = sharding.data_parallel_size(mesh)
+  for key in ("batch_size", "eval_batch_size"):
+    for count, what in ((shards, "data-parallel shards (mesh data x fsdp)"),
+                        (jax.process_count(), "processes")):
+      if config[key] % count:
+        nearest = max(count, config[key] // count * count)
+        raise ConfigError(
+            f"config.{key}={config[key]} is not divisible by the {count} {what}.\n"
+            f"Fix: pass --config.{key}={nearest} (a multiple of {count}).")
+
+
+def build_experiment(config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh | None = None) -> Experiment:
+  """Model, optimizer, mesh and the abstract, sharded train state (no compile, no data)."""
+  config_schema.validate(config)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
+  model = build_model(config)
+  tx = make_optimizer(config)
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), _dummy_images(config), train=False)["params"])
+  param_shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
+  params = nn.unbox(boxed)
+  opt_shapes = jax.eval_shape(tx.init, params)
+  replicated = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  return Experiment(config, model, tx, mesh, boxed,
+                    TrainState(step, params, opt_shapes),
+                    TrainState(replicated, param_shardings, opt_shardings))
+
+
+def init_state(exp: Experiment) -> TrainState:
+  """Initialises the train state directly into its shardings."""
+  def init(rng):
+    variables = exp.model.init(rng, _dummy_images(exp.config), train=False)
+    params = nn.unbox(variables["params"])
+    return TrainState(jnp.zeros((), jnp.int32), params, exp.tx.init(params))
+  init = jax.jit(init, out_shardings=exp.state_shardings)
+  return init(jax.random.key(exp.config.seed))
+
+
+# ----------------------------------------------------------------------------- steps
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
+
+
+def make_train_step(exp: Experiment, *, with_metrics: bool):
+  """Jitted (state, batch) -> (state, scalars); the metrics variant also sows
+  intermediates and differentiates zero probes for per-token gradients."""
+  config, model, tx = exp.config, exp.model, exp.tx
+  schedule = learning_rate_schedule(config)
+  mixing_steps = config.sparsity.activation_mixing_steps
+
+  def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    mixing = mixing_coefficient(state.step, mixing_steps)
+    apply = functools.partial(model.apply, train=True, mixing=mixing,
+                              rngs={"weight_noise": rng})
+
+    def loss_fn(params, probes):
+      variables = {"params": params}
+      if probes is not None:
+        variables["perturbations"] = probes
+        logits, mutated = apply(variables, batch["image"], mutable=["intermediates"])
+      else:
+        logits, mutated = apply(variables, batch["image"]), {}
+      return _cross_entropy(logits, batch["label"]), (logits, mutated)
+
+    probes = None
+    if with_metrics:
+      shapes = jax.eval_shape(lambda: apply({"params": state.params}, batch["image"],
+                                            mutable=["perturbations"])[1])
+      probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (loss, (logits, mutated)), (grads, probe_grads) = grad_fn(state.params, probes)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {"loss": loss, "grad_norm": optax.global_norm(grads),
+           "learning_rate": schedule(state.step)}
+    if with_metrics:
+      out.update(metrics.classification_metrics(logits, batch["label"]))
+      out.update(metrics.activation_metrics(mutated["intermediates"]))
+      out.update(metrics.gradient_metrics(probe_grads))
+      out.update(metrics.parameter_metrics(params))
+      out["activation_mixing"] = mixing
+    return TrainState(state.step + 1, params, opt_state), out
+
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  return jax.jit(step_fn, in_shardings=(exp.state_shardings, batch_sharding),
+                 out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(exp: Experiment):
+  """Jitted (params, step, batch) -> mask-weighted sums of eval metrics, and the weight."""
+  config, model = exp.config, exp.model
+
+  def step_fn(params, step, batch):
+    mixing = mixing_coefficient(step, config.sparsity.activation_mixing_steps)
+    logits, mutated = model.apply({"params": params}, batch["image"], train=False,
+                                  mixing=mixing, mutable=["intermediates"])
+    mask = batch["mask"]
+    out = metrics.classification_metrics(logits, batch["label"], mask)
+    out.update(metrics.activation_metrics(mutated["intermediates"], mask))
+    weight = jnp.sum(mask)
+    return jax.tree.map(lambda v: v * weight, out), weight
+
+  return jax.jit(step_fn, in_shardings=(exp.state_shardings.params,
+                                        sharding.replicated(exp.mesh),
+                                        sharding.batch_sharding(exp.mesh)),
+                 out_shardings=sharding.replicated(exp.mesh))
+
+
+def global_batch(exp: Experiment, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's slice of a batch -> one global array per key, split over devices."""
+  target = sharding.batch_sharding(exp.mesh)
+  return {k: jax.make_array_from_process_local_data(target, v) for k, v in local.items()}
+
+
+def evaluate(exp: Experiment, eval_step, params, step) -> dict[str, float]:
+  """Mask-weighted means of the eval metrics over the whole eval split."""
+  from sparse_jax.data import images  # pylint: disable=import-outside-toplevel
+  totals, weight = None, 0.0
+  for local in images.eval_iterator(exp.config, process_index=jax.process_index(),
+                                    process_count=jax.process_count()):
+    sums, w = eval_step(params, step, global_batch(exp, local))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    weight = weight + w
+  totals, weight = jax.device_get((totals, weight))
+  return {k: float(v) / max(float(weight), 1.0) for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- workdir
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Workdir must be creatable/writable and hold no run of a different config.
+
+  Touches nothing: the write probe is an unnamed temporary file that disappears.
+  """
+  path = os.path.abspath(workdir)
+  probe_dir = path
+  while not os.path.exists(probe_dir):
+    probe_dir = os.path.dirname(probe_dir)
+  fix = "Fix: pass a --workdir in a directory you can write to."
+  if not os.path.isdir(probe_dir):
+    raise ConfigError(f"Workdir {path} cannot be created: {probe_dir} is a file.\n{fix}")
+  try:
+    import tempfile  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryFile(dir=probe_dir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"Workdir {path} is not writable ({e.strerror} in {probe_dir}).\n"
+                      f"{fix}") from None
+  saved = os.path.join(path, CONFIG_FILE)
+  if os.path.exists(saved):
+    with open(saved) as f:
+      old = _flatten(json.load(f))
+    new = _flatten(json.loads(config_json(config)))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+      shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
+      raise ConfigError(
+          f"Workdir {path} holds a run of a different config ({shown}"
+          f"{'; ...' if len(diff) > 5 else ''}).\n"
+          "Fix: use a new --workdir, or rerun with the config saved in "
+          f"{saved} to resume that run.")
+
+
+def _write_json_atomic(path: str, payload: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True, default=list)
+  os.replace(tmp, path)
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
+  """All checks on user input that need no compile and write nothing."""
+  config_schema.validate(config)
+  mesh = sharding.make_mesh(config.mesh_shape)
+  check_batch_sizes(config, mesh)
+  check_workdir(workdir, config)
+  return mesh
+
+
+# ----------------------------------------------------------------------------- loop
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _writer(workdir: str):
+  """TensorBoard event files in workdir (process 0 only)."""
+  # clu's writers import TensorFlow (seconds); only training runs pay for it.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`, evaluates it, writes summary.json.
+
+  Returns the summary. Raises ConfigError for bad input (before anything is compiled
+  or written) and NonFiniteLossError when training diverges (the last good checkpoint
+  is kept).
+  """
+  start_time = time.time()
+  mesh = preflight(config, workdir)
+  from sparse_jax.data import images  # pylint: disable=import-outside-toplevel
+  images.prepare_dataset(config)
+  exp = build_experiment(config, mesh)
+
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config_json(config)))
+  summary_path = os.path.join(workdir, SUMMARY_FILE)
+  checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
+                                       keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None and latest >= config.num_steps and os.path.exists(summary_path):
+    logging.info("Run in %s already finished at step %d; see %s.", workdir, latest,
+                 summary_path)
+    checkpointer.close()
+    with open(summary_path) as f:
+      return json.load(f)
+
+  abstract = ckpt_lib.abstract_with_shardings(exp.state_shapes, exp.state_shardings)
+  if latest is not None:
+    logging.info("Resuming from checkpoint at step %d in %s.", latest, checkpointer.directory)
+    state = checkpointer.restore(abstract, latest)
+  else:
+    state = init_state(exp)
+  start_step = int(jax.device_get(state.step))
+  logging.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
+               f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
+
+  plain_step = make_train_step(exp, with_metrics=False)
+  metrics_step = make_train_step(exp, with_metrics=True)
+  eval_step = make_eval_step(exp)
+  writer = _writer(workdir)
+  train_scalars: dict[str, float] = {}
+  eval_scalars: dict[str, float] = {}
+  batches = images.train_iterator(config, start_step=start_step,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  last_good = latest
+  pending = None  # (step, loss, grad_norm) of the previous step, checked one step late.
+
+  def check_finite(step, loss, grad_norm):
+    loss, grad_norm = float(loss), float(grad_norm)
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+      checkpointer.wait()
+      kept = ("no checkpoint was written" if last_good is None else
+              f"the last good checkpoint (step {last_good}) is kept in "
+              f"{checkpointer.directory}")
+      raise NonFiniteLossError(
+          f"Training diverged at step {step}: loss={loss}, grad_norm={grad_norm}; {kept}.\n"
+          "Fix: lower --config.optimizer.learning_rate (or raise warmup_steps) and run "
+          "in a new --workdir.")
+
+  interval_start, interval_steps = time.time(), 0
+  try:
+    for step in range(start_step, config.num_steps):
+      done = step + 1
+      log_now = done % config.log_every == 0 or done == config.num_steps
+      batch = global_batch(exp, next(batches))
+      state, out = (metrics_step if log_now else plain_step)(state, batch)
+      interval_steps += 1
+      if pending is not None:
+        check_finite(*pending)
+      pending = (step, out["loss"], out["grad_norm"])
+      if log_now:
+        scalars = {k: float(v) for k, v in jax.device_get(out).items()}
+        check_finite(*pending)
+        elapsed = time.time() - interval_start
+        rate = interval_steps / max(elapsed, 1e-9)
+        train_scalars = scalars
+        writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()}
+                             | {"train/steps_per_sec": rate})
+        logging.info("step %d/%d | loss %.4f | accuracy %.3f | activation density %.4f | "
+                     "%.1f steps/s | ETA %s", done, config.num_steps, scalars["loss"],
+                     scalars["accuracy"], scalars.get("activation_density/mean", float("nan")),
+                     rate, _format_eta((config.num_steps - done) / max(rate, 1e-9)))
+        interval_start, interval_steps = time.time(), 0
+      if done % config.checkpoint_every == 0 or done == config.num_steps:
+        check_finite(*pending)
+        checkpointer.save(done, state, force=done == config.num_steps)
+        last_good = done
+      if done % config.eval_every == 0 or done == config.num_steps:
+        eval_scalars = evaluate(exp, eval_step, state.params, state.step)
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_scalars.items()})
+        logging.info("eval at step %d | loss %.4f | accuracy %.4f | activation density %.4f",
+                     done, eval_scalars["loss"], eval_scalars["accuracy"],
+                     eval_scalars.get("activation_density/mean", float("nan")))
+      if checkpointer.reached_preemption(done):
+        checkpointer.save(done, state, force=True)
+        checkpointer.wait()
+        logging.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", done)
+        return {}
+  finally:
+    writer.flush()
+    checkpointer.wait()
+
+  if start_step >= config.num_steps:  # Finished earlier, summary missing: evaluate again.
+    eval_scalars = evaluate(exp, eval_step, state.params, state.step)
+  checkpointer.close()
+  summary = {"step": int(jax.device_get(state.step)), "num_params": exp.num_params,
+             "wall_time_s": time.time() - start_time,
+             **{f"eval/{k}": v for k, v in eval_scalars.items()},
+             **{f"train/{k}": v for k, v in train_scalars.items()},
+             "config": json.loads(config_json(config))}
+  if is_chief:
+    _write_json_atomic(summary_path, summary)
+  writer.close()
+  logging.info("Done: eval accuracy %.4f, eval activation density %.4f; summary in %s",
+               summary.get("eval/accuracy", float("nan")),
+               summary.get("eval/activation_density/mean", float("nan")), summary_path)
+  return summary
