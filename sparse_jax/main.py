@@ -3,6 +3,8 @@
 Bad input (ConfigError) and divergence (NonFiniteLossError) end the program with a
 short message whose last line names the fix, no traceback, and exit code 1.
 """
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -15,6 +17,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                                "summary.json. Rerunning on it resumes the run.")
+_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "sparse_jax",
+                                          "xla"),
+    "JAX persistent compilation cache, so reruns and resumes skip recompiling "
+    "('' disables it).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print the "
                              "config, mesh and parameter table, and exit.")
 
@@ -24,10 +31,29 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
+def _show_progress() -> None:
+  """Progress lines from the 'sparse_jax' logger on stderr; library chatter (orbax,
+  absl) stays at warnings."""
+  progress = std_logging.getLogger("sparse_jax")
+  if not progress.handlers:
+    handler = std_logging.StreamHandler()
+    handler.setFormatter(std_logging.Formatter("[sparse_jax %(asctime)s] %(message)s",
+                                               "%H:%M:%S"))
+    progress.addHandler(handler)
+  progress.setLevel(std_logging.INFO)
+  progress.propagate = False
+  logging.set_verbosity(logging.WARNING)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}.\nFix: pass options as --name=value.")
-  config = _CONFIG.value
+  logging.set_verbosity(logging.WARNING)
+  config = _load_config()
+  if _CACHE_DIR.value:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   # Imported here so that flag errors and --help do not pay for importing JAX.
   from sparse_jax import describe, train  # pylint: disable=import-outside-toplevel
   try:
@@ -36,18 +62,65 @@ def main(argv) -> None:
       return
     if not _WORKDIR.value:
       raise ConfigError("No --workdir given.\nFix: pass --workdir=/path/to/run_dir.")
-    logging.set_verbosity(logging.INFO)
+    _show_progress()
     train.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, train.NonFiniteLossError) as e:
     _fail(str(e))
 
 
-def run() -> None:
-  """Runs main, turning errors raised while the config file loads into clean exits."""
+def _flag_error_message(error: Exception) -> str:
+  """A two-line problem/fix message for errors raised while flags and config load."""
+  text = str(error)
+  marker = f"{ConfigError.__module__}.{ConfigError.__name__}: "
+  if marker in text:  # Our own ConfigError from a config file's get_config().
+    return text.split(marker)[-1].strip()
+  if isinstance(error, flags.UnrecognizedFlagError) and "'config." in text:
+    key = text.split("'config.", 1)[1].rstrip("'")
+    return (f"Unknown config key {key!r}.\nFix: remove --config.{key}, or use a key the "
+            "config defines (--dry_run prints the whole config).")
+  if isinstance(error, (AttributeError, KeyError)):  # An override of an unknown key.
+    key = text.strip("'\"").split("'")[0]
+    given = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a]
+    return (f"Unknown config key {key!r} in {' '.join(given) or 'a --config.* override'}."
+            "\nFix: remove that override, or use a key the config defines (--dry_run "
+            "prints the whole config).")
+  if isinstance(error, OSError) and "Failed loading config file" in text:
+    return (f"Could not load the config file: {text.splitlines()[-1].strip()}\n"
+            "Fix: pass --config=configs/default.py (a path relative to the current "
+            "directory, optionally with ':variant').")
+  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  return f"{first}\nFix: see --helpshort for the flags and their values."
+
+
+def _load_config():
+  """The config with its command-line overrides applied (ml_collections applies them
+  lazily, so unknown keys and unloadable files surface here)."""
   try:
-    app.run(main)
+    config = _CONFIG.value
+    config.to_dict()
+    return config
   except ConfigError as e:
     _fail(str(e))
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
+    _fail(_flag_error_message(e))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS.config is None:
+      raise ConfigError("No --config given.\nFix: pass --config=configs/default.py.")
+    return argv
+  except ConfigError as e:
+    _fail(str(e))
+  except (flags.Error, AttributeError, KeyError, OSError) as e:
+    _fail(_flag_error_message(e))
+    raise  # Unreachable: _fail exits.
+
+
+def run() -> None:
+  """The console entry point."""
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

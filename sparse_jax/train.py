@@ -7,6 +7,7 @@ abstract state -> (write config.json) -> restore or init -> loop -> eval -> summ
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import time
@@ -18,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import struct
 
 from sparse_jax import checkpoint as ckpt_lib
@@ -27,6 +27,8 @@ from sparse_jax.errors import ConfigError
 from sparse_jax.models import build_model
 from sparse_jax.ops.activations import mixing_coefficient
 from sparse_jax.transforms.projections import ProjectionRule, with_projections
+
+log = logging.getLogger("sparse_jax")
 
 
 @struct.dataclass
@@ -354,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None and latest >= config.num_steps and os.path.exists(summary_path):
-    logging.info("Run in %s already finished at step %d; see %s.", workdir, latest,
+    log.info("Run in %s already finished at step %d; see %s.", workdir, latest,
                  summary_path)
     checkpointer.close()
     with open(summary_path) as f:
@@ -362,12 +364,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   abstract = ckpt_lib.abstract_with_shardings(exp.state_shapes, exp.state_shardings)
   if latest is not None:
-    logging.info("Resuming from checkpoint at step %d in %s.", latest, checkpointer.directory)
+    log.info("Resuming from checkpoint at step %d in %s.", latest, checkpointer.directory)
     state = checkpointer.restore(abstract, latest)
   else:
     state = init_state(exp)
   start_step = int(jax.device_get(state.step))
-  logging.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
+  log.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
                f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
 
   plain_step = make_train_step(exp, with_metrics=False)
@@ -413,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_scalars = scalars
         writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()}
                              | {"train/steps_per_sec": rate})
-        logging.info("step %d/%d | loss %.4f | accuracy %.3f | activation density %.4f | "
+        log.info("step %d/%d | loss %.4f | accuracy %.3f | activation density %.4f | "
                      "%.1f steps/s | ETA %s", done, config.num_steps, scalars["loss"],
                      scalars["accuracy"], scalars.get("activation_density/mean", float("nan")),
                      rate, _format_eta((config.num_steps - done) / max(rate, 1e-9)))
@@ -425,13 +427,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if done % config.eval_every == 0 or done == config.num_steps:
         eval_scalars = evaluate(exp, eval_step, state.params, state.step)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_scalars.items()})
-        logging.info("eval at step %d | loss %.4f | accuracy %.4f | activation density %.4f",
+        log.info("eval at step %d | loss %.4f | accuracy %.4f | activation density %.4f",
                      done, eval_scalars["loss"], eval_scalars["accuracy"],
                      eval_scalars.get("activation_density/mean", float("nan")))
       if checkpointer.reached_preemption(done):
         checkpointer.save(done, state, force=True)
         checkpointer.wait()
-        logging.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", done)
+        log.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", done)
         return {}
   finally:
     writer.flush()
@@ -448,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_chief:
     _write_json_atomic(summary_path, summary)
   writer.close()
-  logging.info("Done: eval accuracy %.4f, eval activation density %.4f; summary in %s",
+  log.info("Done: eval accuracy %.4f, eval activation density %.4f; summary in %s",
                summary.get("eval/accuracy", float("nan")),
                summary.get("eval/activation_density/mean", float("nan")), summary_path)
   return summary

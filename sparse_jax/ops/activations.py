@@ -15,8 +15,11 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "jsrelu", "mixed")
 
 
 def relu(z: jax.Array) -> jax.Array:
-  """max(z, 0)."""
-  return jnp.maximum(z, 0)
+  """max(z, 0), with derivative 1[z > 0] (0 at z = 0, as in PyTorch).
+
+  `jnp.maximum` would split the tie at 0 and give 0.5 there.
+  """
+  return jnp.where(z > 0, z, jnp.zeros_like(z))
 
 
 def jsrelu(z: jax.Array) -> jax.Array:
