@@ -6,9 +6,9 @@
   python -m sparse_jax.main --config configs/default.py --workdir /tmp/sparse_jax/digits_sparsified
   python -m sparse_jax.main --config configs/default.py:vanilla --workdir /tmp/sparse_jax/digits_vanilla
 """
-from sparse_jax.config_schema import apply_variant, base_config, split_args
+from sparse_jax.config_schema import apply_variant, base_config, parse_variant
 
 
 def get_config(arg: str | None = None):
-  (variant,) = split_args(arg, ("sparsified", "vanilla"), ("sparsified",))
+  variant = parse_variant(arg)
   return apply_variant(base_config(), variant)

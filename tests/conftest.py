@@ -7,6 +7,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
+if REPO not in sys.path:  # Lets tests import configs/*.py as the CLI loads them.
+  sys.path.insert(0, REPO)
 
 
 def cli_env(tmp_path_factory_dir: str | None = None) -> dict[str, str]:

@@ -1,0 +1,41 @@
+"""ViT-B/16 on ImageNet-1k from scratch: the official recipe of Peng et al.
+
+300 epochs at global batch 2048 (187,670 steps), AdamW lr 3e-3, weight decay 0.3 on every
+parameter, cosine decay without warmup, label smoothing 0.11, mixup 0.2 / cutmix 1.0,
+RandAugment(2, 9), random-resized crop 224 + flip, gradient clipping 1.0, bfloat16
+activations; eval resizes to 256 and center-crops 224.
+
+  python -m sparse_jax.main --config configs/vit_imagenet.py:sparsified \
+      --workdir gs://BUCKET/runs/vit_b16_sparsified --config.data_dir=gs://BUCKET/tfds
+  python -m sparse_jax.main --config configs/vit_imagenet.py:vanilla \
+      --workdir gs://BUCKET/runs/vit_b16_vanilla --config.data_dir=gs://BUCKET/tfds
+
+ImageNet comes through tfds `imagenet2012`: either already prepared in `data_dir`, or
+prepared on first use from the two tar files in `--config.manual_dir`. Check a config
+on a laptop first with `--dry_run`.
+"""
+from sparse_jax.config_schema import apply_variant, base_config, parse_variant
+
+TRAIN_EXAMPLES = 1_281_167
+
+
+def get_config(arg: str | None = None):
+  variant = parse_variant(arg)
+  c = base_config()
+  c.model.update(dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
+                      mlp_dim=3072, dtype="bfloat16"))
+  c.dataset = "imagenet2012"
+  c.image_size = 224
+  c.num_classes = 1000
+  c.batch_size = 2048
+  c.eval_batch_size = 2048
+  c.input.update(dict(shuffle_buffer=250_000, crop="inception", flip=True,
+                      randaugment_layers=2, randaugment_magnitude=9, mixup_alpha=0.2,
+                      cutmix_alpha=1.0, label_smoothing=0.11, eval_resize=256))
+  c.optimizer.update(dict(learning_rate=3e-3, weight_decay=0.3, weight_decay_exclude="",
+                          grad_clip_norm=1.0, schedule="cosine", warmup_steps=0))
+  c.num_steps = 300 * TRAIN_EXAMPLES // 2048
+  c.log_every = 500
+  c.eval_every = 10 * TRAIN_EXAMPLES // 2048  # Every 10 epochs.
+  c.checkpoint_every = 2000
+  return apply_variant(c, variant)

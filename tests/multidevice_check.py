@@ -1,0 +1,70 @@
+"""Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_multidevice.py).
+
+Compares a sparsified ViT's train steps on 8 simulated devices (data parallel) with the
+same steps on 1 device, and checks the batch/mesh errors that depend on device count.
+Prints one JSON line with the results.
+"""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from sparse_jax import config_schema, sharding, train
+from sparse_jax.errors import ConfigError
+
+
+def tiny_config():
+  c = config_schema.apply_variant(config_schema.base_config(), "sparsified")
+  c.model.num_layers, c.model.hidden_size, c.model.mlp_dim = 2, 32, 64
+  c.batch_size = 16
+  c.optimizer.warmup_steps = 0
+  return c
+
+
+def losses(config, devices, steps=3):
+  exp = train.build_experiment(config, sharding.make_mesh(config.mesh_shape, devices))
+  state = train.init_state(exp)
+  step_fn = train.make_train_step(exp, with_metrics=True)
+  rng = np.random.default_rng(0)
+  out_losses, densities = [], []
+  for _ in range(steps):
+    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+             "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]}
+    state, out = step_fn(state, train.global_batch(exp, batch))
+    out_losses.append(float(out["loss"]))
+    densities.append(float(out["activation_density/mean"]))
+  gamma = np.asarray(jax.device_get(state.params["block_0"]["mlp_norm"]["scale"]))
+  return out_losses, densities, float(gamma.min())
+
+
+def error_of(fn):
+  try:
+    fn()
+  except ConfigError as e:
+    return str(e)
+  return None
+
+
+def main():
+  assert jax.device_count() == 8, jax.device_count()
+  one = losses(tiny_config(), jax.devices()[:1])
+  eight = losses(tiny_config(), jax.devices())
+  c = tiny_config()
+  c.mesh_shape = (2, 2, 2)
+  mixed = losses(c, jax.devices())
+  bad_batch = tiny_config()
+  bad_batch.batch_size = 12
+  bad_mesh = tiny_config()
+  bad_mesh.mesh_shape = (4, 1, 1)
+  print(json.dumps({
+      "one": one, "eight": eight, "mesh_2_2_2": mixed,
+      "batch_error": error_of(lambda: train.check_batch_sizes(
+          bad_batch, sharding.make_mesh(bad_batch.mesh_shape))),
+      "mesh_error": error_of(lambda: sharding.make_mesh(bad_mesh.mesh_shape)),
+  }))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,378 @@
+"""Tests of the input pipeline (sparse_jax.data), CPU only."""
+
+import collections
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sparse_jax.data import images
+from sparse_jax.data import mixing
+from sparse_jax.data import preprocess
+from sparse_jax.data import randaugment
+from sparse_jax.errors import ConfigError
+
+
+def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
+  """A digits config like the trainer's; `input_<key>` overrides input.<key>."""
+  config = ml_collections.ConfigDict(dict(
+      dataset='sklearn_digits', data_dir=str(data_dir), manual_dir=None,
+      image_size=16, num_classes=10, batch_size=128, eval_batch_size=100,
+      seed=0, input=dict(
+          shuffle_buffer=1500, crop='pad_crop', flip=False,
+          randaugment_layers=0, randaugment_magnitude=0, mixup_alpha=0.0,
+          cutmix_alpha=0.0, label_smoothing=0.1, eval_resize=16)))
+  for key, value in overrides.items():
+    if key.startswith('input_'):
+      config.input[key[len('input_'):]] = value
+    else:
+      config[key] = value
+  return config
+
+
+def take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def fingerprints(batches):
+  """Multiset of (image bytes, label) over the real (mask 1) eval examples."""
+  return collections.Counter(
+      (np.round(image, 4).tobytes(), int(label))
+      for batch in batches
+      for image, label, mask in zip(batch['image'], batch['label'],
+                                    batch['mask']) if mask == 1.0)
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tfds')
+  info = images.prepare_dataset(make_config(path))
+  assert info == images.DatasetInfo(10, 1500, 297, (16, 16, 3))
+  return path
+
+
+@pytest.fixture(scope='module')
+def digits_split(digits_dir):
+  """{split: (uint8 images [N, 8, 8], labels [N])} read straight from TFDS."""
+  builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
+  out = {}
+  for split in ('train', 'test'):
+    examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    out[split] = (np.stack([e['image'][..., 0] for e in examples]),
+                  np.array([e['label'] for e in examples]))
+  return out
+
+
+def test_digits_builder_fixed_disjoint_split(digits_dir, digits_split):
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
+  assert builder.info.splits['train'].num_examples == 1500
+  assert builder.info.splits['test'].num_examples == 297
+  train_x, train_y = digits_split['train']
+  test_x, test_y = digits_split['test']
+  assert train_x.shape == (1500, 8, 8) and test_x.shape == (297, 8, 8)
+  assert train_x.dtype == np.uint8 and train_x.min() == 0
+  assert train_x.max() == 255  # 16 maps to 255.
+  assert set(train_y) == set(test_y) == set(range(10))
+  # The split is the documented permutation: compare as multisets.
+  digits = datasets.load_digits()
+  raw = np.round(digits.images * 255 / 16).astype(np.uint8)
+  order = np.random.RandomState(0).permutation(1797)
+  key = lambda xs, ys: collections.Counter(
+      (x.tobytes(), int(y)) for x, y in zip(xs, ys))
+  assert key(test_x, test_y) == key(raw[order[:297]], digits.target[order[:297]])
+  assert key(train_x, train_y) == key(raw[order[297:]],
+                                      digits.target[order[297:]])
+
+
+def test_train_batches_shapes_ranges_and_label_smoothing(digits_dir):
+  batch = next(images.train_iterator(make_config(digits_dir)))
+  assert batch['image'].shape == (128, 16, 16, 3)
+  assert batch['image'].dtype == np.float32
+  assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+  assert batch['image'].min() == -1.0 and batch['image'].max() > 0.9
+  labels = batch['label']
+  assert labels.shape == (128, 10) and labels.dtype == np.float32
+  np.testing.assert_allclose(labels.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(labels.max(-1), 0.9 + 0.01, rtol=1e-6)
+  assert np.all((np.isclose(labels, 0.01)) | np.isclose(labels, 0.91))
+  assert np.all((labels > 0.5).sum(-1) == 1)
+
+
+@pytest.fixture(scope='module')
+def plain_batch(digits_dir):
+  """First batch without augmentation or label smoothing."""
+  config = make_config(digits_dir, input_crop='none', input_label_smoothing=0.0)
+  return next(images.train_iterator(config))
+
+
+def test_train_images_are_the_labelled_digits(plain_batch, digits_split):
+  train_x, train_y = digits_split['train']
+  expected = preprocess.resize(
+      tf.constant(train_x[..., None], tf.float32), 16).numpy()
+  expected = expected[..., 0] * (2 / 255) - 1
+  for image, label in zip(plain_batch['image'], plain_batch['label']):
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+    distance = np.abs(expected - image[None, ..., 0]).max(axis=(1, 2))
+    assert distance.min() < 1e-5
+    assert train_y[distance < 1e-5][0] == label.argmax()
+
+
+def augmented_config(digits_dir, **overrides):
+  return make_config(digits_dir, input_flip=True, input_mixup_alpha=0.2,
+                     input_cutmix_alpha=1.0, **overrides)
+
+
+@pytest.fixture(scope='module')
+def augmented_run(digits_dir):
+  """First 13 batches of an uninterrupted run; crosses an epoch (1500 / 128)."""
+  return take(images.train_iterator(augmented_config(digits_dir)), 13)
+
+
+def test_train_applies_both_mixup_and_cutmix(augmented_run):
+  kinds = set()
+  for batch in augmented_run:
+    np.testing.assert_allclose(batch['label'].sum(-1), 1.0, rtol=1e-5)
+    top = (batch['label'].max(-1) - 0.01) / 0.9  # max(lam, 1 - lam), 0.1 LS.
+    mixed = top[top < 1 - 1e-4]
+    if mixed.size:
+      # CutMix's lam is a pixel count / 256; mixup's is continuous.
+      pixels = mixed[0] * 256
+      kinds.add('cutmix' if abs(pixels - round(pixels)) < 1e-3 else 'mixup')
+  assert kinds == {'cutmix', 'mixup'}
+
+
+def test_train_is_deterministic_and_seed_dependent(digits_dir, augmented_run):
+  again = take(images.train_iterator(augmented_config(digits_dir)), 2)
+  other = take(images.train_iterator(augmented_config(digits_dir, seed=1)), 2)
+  for x, y, z in zip(augmented_run, again, other):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+    assert not np.array_equal(x['image'], z['image'])
+  assert not np.array_equal(augmented_run[0]['image'],
+                            augmented_run[1]['image'])
+
+
+def test_resume_matches_uninterrupted_run(digits_dir, augmented_run):
+  # Step 12 starts 36 examples into the second epoch: exercises both the free
+  # whole-epoch skip and the in-epoch record skip.
+  resumed = next(images.train_iterator(augmented_config(digits_dir),
+                                       start_step=12))
+  np.testing.assert_array_equal(resumed['image'], augmented_run[12]['image'])
+  np.testing.assert_array_equal(resumed['label'], augmented_run[12]['label'])
+
+
+def test_randaugment_in_digits_pipeline(digits_dir, plain_batch):
+  config = make_config(digits_dir, batch_size=16, input_crop='none',
+                       input_label_smoothing=0.0, input_randaugment_layers=2,
+                       input_randaugment_magnitude=9)
+  batch = next(images.train_iterator(config))
+  assert batch['image'].shape == (16, 16, 16, 3)
+  assert batch['image'].min() >= -1 and batch['image'].max() <= 1
+  # The example order does not depend on the batch size: same digits as the
+  # first 16 of the un-augmented batch, mostly changed by RandAugment. (Its
+  # seeds come from the same per-batch key as the crops, whose determinism
+  # and resumability the tests above check.)
+  np.testing.assert_array_equal(batch['label'], plain_batch['label'][:16])
+  changed = np.abs(batch['image'] - plain_batch['image'][:16]).max((1, 2, 3))
+  assert np.mean(changed > 0.01) > 0.5
+
+
+def test_train_process_shards(digits_dir):
+  config = make_config(digits_dir, input_crop='none')
+  shards = [next(images.train_iterator(config, process_index=i,
+                                       process_count=2)) for i in range(2)]
+  for shard in shards:
+    assert shard['image'].shape == (64, 16, 16, 3)
+  # Different halves of the data, not the same examples twice.
+  flat = [s['image'].reshape(64, -1) for s in shards]
+  assert not np.any(np.all(flat[0][:, None] == flat[1][None], axis=-1))
+
+
+@pytest.fixture(scope='module')
+def eval_batches(digits_dir):
+  return list(images.eval_iterator(make_config(digits_dir)))
+
+
+def test_eval_covers_test_split_once(digits_dir, eval_batches, digits_split):
+  assert len(eval_batches) == 3
+  for batch in eval_batches:
+    assert batch['image'].shape == (100, 16, 16, 3)
+    assert batch['image'].dtype == np.float32
+    assert batch['label'].dtype == np.int32
+    assert batch['mask'].dtype == np.float32
+  mask = np.concatenate([b['mask'] for b in eval_batches])
+  np.testing.assert_array_equal(mask, [1.0] * 297 + [0.0] * 3)
+  assert np.all(eval_batches[-1]['image'][97:] == 0)
+  test_x, test_y = digits_split['test']
+  expected = preprocess.resize(
+      tf.constant(test_x[..., None], tf.float32), 16).numpy()
+  expected = np.repeat(expected * (2 / 255) - 1, 3, axis=-1)
+  assert fingerprints(eval_batches) == fingerprints(
+      [{'image': expected, 'label': test_y, 'mask': np.ones(297)}])
+  # Deterministic order.
+  again = next(images.eval_iterator(make_config(digits_dir)))
+  np.testing.assert_array_equal(again['image'], eval_batches[0]['image'])
+  np.testing.assert_array_equal(again['label'], eval_batches[0]['label'])
+
+
+def test_eval_process_shards_are_disjoint_and_cover(digits_dir, eval_batches):
+  config = make_config(digits_dir)
+  whole = fingerprints(eval_batches)
+  shards = [list(images.eval_iterator(config, process_index=i,
+                                      process_count=2)) for i in range(2)]
+  # Same number of full-size batches on every process.
+  assert [len(s) for s in shards] == [3, 3]
+  assert all(b['image'].shape[0] == 50 for s in shards for b in s)
+  masks = [np.concatenate([b['mask'] for b in s]) for s in shards]
+  np.testing.assert_array_equal(masks[0], [1.0] * 149 + [0.0])
+  np.testing.assert_array_equal(masks[1], [1.0] * 148 + [0.0] * 2)
+  parts = [fingerprints(s) for s in shards]
+  assert parts[0] + parts[1] == whole
+  assert sum(whole.values()) == 297
+
+
+def test_config_errors(digits_dir, tmp_path):
+  with pytest.raises(ConfigError, match='mnist'):
+    images.prepare_dataset(make_config(digits_dir, dataset='mnist'))
+  with pytest.raises(ConfigError, match='num_classes'):
+    images.prepare_dataset(make_config(digits_dir, num_classes=1000))
+  with pytest.raises(ConfigError, match='batch_size'):
+    next(images.train_iterator(make_config(digits_dir, batch_size=3),
+                               process_count=2))
+  for manual_dir in (None, str(tmp_path / 'nothing_here')):
+    config = make_config(tmp_path / 'empty', dataset='imagenet2012',
+                         num_classes=1000, image_size=224,
+                         manual_dir=manual_dir, input_crop='inception')
+    with pytest.raises(ConfigError) as error:
+      images.prepare_dataset(config)
+    lines = str(error.value).splitlines()
+    assert len(lines) >= 2 and lines[-1].startswith('Fix:')
+    assert 'ILSVRC2012_img_train.tar' in lines[-1]
+
+
+def test_imagenet_pipeline_on_mock_data(tmp_path):
+  manual_dir = tmp_path / 'manual'
+  manual_dir.mkdir()
+  for name in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'):
+    (manual_dir / name).touch()
+  config = make_config(
+      tmp_path / 'tfds', dataset='imagenet2012', num_classes=1000,
+      image_size=224, batch_size=4, eval_batch_size=4,
+      manual_dir=str(manual_dir), input_crop='inception', input_flip=True,
+      input_randaugment_layers=2, input_randaugment_magnitude=9,
+      input_mixup_alpha=0.2, input_cutmix_alpha=1.0, input_eval_resize=256,
+      input_shuffle_buffer=16)
+  # With SkipDecoding, mock_data serves real (random) JPEGs of 5..50 px.
+  with tfds.testing.mock_data(num_examples=6):
+    info = images.prepare_dataset(config)
+    assert info.num_classes == 1000 and info.image_shape == (224, 224, 3)
+    train = take(images.train_iterator(config), 2)
+    evals = list(images.eval_iterator(config))
+  for batch in train:
+    assert batch['image'].shape == (4, 224, 224, 3)
+    assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+    assert batch['label'].shape == (4, 1000)
+    np.testing.assert_allclose(batch['label'].sum(-1), 1.0, rtol=1e-5)
+  assert len(evals) == 2
+  assert evals[0]['image'].shape == (4, 224, 224, 3)
+  np.testing.assert_array_equal(
+      np.concatenate([b['mask'] for b in evals]), [1] * 6 + [0] * 2)
+  assert np.all(evals[-1]['image'][2:] == 0)
+
+
+def _jpeg(image: np.ndarray) -> tf.Tensor:
+  return tf.io.encode_jpeg(tf.constant(image, tf.uint8), quality=100)
+
+
+def test_decode_and_center_crop_picks_the_center():
+  # 100 x 160 black image with a white 50 x 50 square in the middle.
+  image = np.zeros((100, 160, 3), np.uint8)
+  image[25:75, 55:105] = 255
+  # Shorter side 100 -> 200, center 100 of that = the middle 50 x 50 source.
+  out = preprocess.decode_and_center_crop(_jpeg(image), 100, 200).numpy()
+  assert out.shape == (100, 100, 3) and out.dtype == np.float32
+  assert out[5:-5, 5:-5].min() > 240
+  # 224-of-256 crop of the whole image: white middle, black border.
+  out = preprocess.decode_and_center_crop(_jpeg(image), 64, 73).numpy()
+  assert out[24:40, 24:40].min() > 240 and out[:, :4].max() < 15
+
+
+def test_decode_and_random_crop():
+  image = np.random.RandomState(0).randint(0, 256, (60, 80, 3)).astype(np.uint8)
+  crops = [preprocess.decode_and_random_crop(
+      _jpeg(image), 32, tf.constant([s, 0])).numpy() for s in range(4)]
+  for crop in crops:
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.float32
+    assert crop.min() >= 0 and crop.max() <= 255
+  again = preprocess.decode_and_random_crop(_jpeg(image), 32, tf.constant([0, 0]))
+  np.testing.assert_array_equal(crops[0], again.numpy())
+  assert not np.array_equal(crops[0], crops[1])
+
+
+def _test_image() -> tf.Tensor:
+  """Colourful, textured, not full-range: every op must change it."""
+  rng = np.random.RandomState(0)
+  y, x = np.mgrid[0:32, 0:32]
+  base = np.stack([40 + 4 * x, 40 + 4 * y, 100 + 2 * (x - y)], -1)
+  return tf.constant(np.clip(base + rng.randint(-9, 10, base.shape), 40, 200),
+                     tf.float32)
+
+
+@pytest.mark.parametrize('name', sorted(set(randaugment.OPS) - {'identity'}))
+def test_randaugment_op_changes_image(name):
+  image = _test_image()
+  for sign in (-1.0, 1.0):
+    out = randaugment.OPS[name](image, tf.constant(0.9), tf.constant(sign))
+    assert out.shape == image.shape and out.dtype == tf.float32
+    assert tf.reduce_min(out) >= 0 and tf.reduce_max(out) <= 255
+    assert tf.reduce_max(tf.abs(out - image)) > 1.0, (name, sign)
+
+
+def test_randaugment_keeps_shape_dtype_range_and_changes_image():
+  image = tf.cast(_test_image(), tf.uint8)
+  outs = [randaugment.randaugment(image, 2, 9, tf.constant([s, 1]))
+          for s in range(6)]
+  for out in outs:
+    assert out.shape == (32, 32, 3) and out.dtype == tf.float32
+    assert tf.reduce_min(out) >= 0 and tf.reduce_max(out) <= 255
+    np.testing.assert_array_equal(out, tf.round(out))
+  assert sum(not np.array_equal(o, tf.cast(image, tf.float32)) for o in outs) >= 5
+  unchanged = randaugment.randaugment(image, 2, 0, tf.constant([0, 1]))
+  assert tf.reduce_max(tf.abs(unchanged - tf.cast(image, tf.float32))) <= 1
+
+
+def _two_class_batch():
+  images_ = tf.constant([-1.0, -1.0, 1.0, 1.0])[:, None, None, None] * tf.ones(
+      (4, 8, 8, 3))
+  return images_, tf.one_hot([0, 1, 2, 3], 4)
+
+
+def test_mixup_mixes_images_and_labels():
+  images_, labels = _two_class_batch()
+  out, out_labels = mixing.mix_batch(images_, labels, mixup_alpha=1.0,
+                                     cutmix_alpha=0.0, seed=tf.constant([0, 3]))
+  np.testing.assert_allclose(tf.reduce_sum(out_labels, -1), 1.0, rtol=1e-6)
+  value = out[0, 0, 0, 0].numpy()  # lam * (-1) + (1 - lam) * 1.
+  assert -1.0 < value < 1.0
+  np.testing.assert_allclose(out[0], value, rtol=1e-6)
+  lam = (1 - value) / 2
+  np.testing.assert_allclose(out_labels[0], [lam, 0, 0, 1 - lam], atol=1e-6)
+
+
+def test_cutmix_labels_match_pasted_area():
+  images_, labels = _two_class_batch()
+  mixed_any = False
+  for seed in range(8):
+    out, out_labels = mixing.mix_batch(
+        images_, labels, mixup_alpha=0.0, cutmix_alpha=1.0,
+        seed=tf.constant([seed, 0]))
+    np.testing.assert_allclose(tf.reduce_sum(out_labels, -1), 1.0, rtol=1e-6)
+    own = float(tf.reduce_mean(tf.cast(out[0] == -1.0, tf.float32)))
+    np.testing.assert_allclose(out_labels[0, 0], own, atol=1e-6)
+    np.testing.assert_allclose(out_labels[0, 3], 1 - own, atol=1e-6)
+    mixed_any |= 0 < own < 1
+  assert mixed_any

@@ -1,0 +1,27 @@
+"""Data-parallel (and mixed) sharding on 8 simulated CPU devices gives the same loss."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, cli_env
+
+
+def test_eight_devices_match_one_device():
+  env = cli_env()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "multidevice_check.py")],
+                        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  one, eight, mixed = result["one"], result["eight"], result["mesh_2_2_2"]
+  np.testing.assert_allclose(eight[0], one[0], rtol=2e-5)  # Loss per step.
+  np.testing.assert_allclose(eight[1], one[1], atol=1e-3)  # Activation density.
+  np.testing.assert_allclose(mixed[0], one[0], rtol=2e-5)
+  assert one[0][0] != one[0][-1]  # It trained: later losses differ from the first.
+  assert one[2] >= 1.0 and eight[2] >= 1.0  # Restricted LN scales stayed >= 1.
+  assert "not divisible by the 8 data-parallel shards" in result["batch_error"]
+  assert result["batch_error"].splitlines()[-1].startswith("Fix: pass --config.batch_size=8")
+  assert "has 4 devices but 8 are present" in result["mesh_error"]
