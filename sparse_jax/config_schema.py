@@ -85,15 +85,14 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
   return c
 
 
-def split_args(arg: str | None, known: tuple[str, ...], default: tuple[str, ...]
-               ) -> tuple[str, ...]:
-  """Parses 'a,b' config arguments, rejecting words outside `known`."""
-  words = tuple(w.strip() for w in (arg or "").split(",") if w.strip()) or default
-  for w in words:
-    if w not in known:
-      raise ConfigError(f"Unknown config argument {w!r}.\n"
-                        f"Fix: use comma-separated words from {', '.join(known)}.")
-  return words
+def parse_variant(arg: str | None, known: tuple[str, ...] = VARIANTS) -> str:
+  """The one variant named by a config argument ('' = the first of `known`)."""
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()] or [known[0]]
+  if len(words) != 1 or words[0] not in known:
+    raise ConfigError(f"Unknown config argument {arg!r}.\n"
+                      f"Fix: name one variant from {', '.join(known)}, "
+                      f"e.g. --config=configs/default.py:{known[-1]}.")
+  return words[0]
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -126,3 +125,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if s.weight_noise < 0:
     raise ConfigError(f"sparsity.weight_noise={s.weight_noise} must be >= 0.\n"
                       "Fix: pass --config.sparsity.weight_noise=0.1 (or 0 to disable).")
+  if not 0 <= o.warmup_steps < c.num_steps:
+    raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, num_steps="
+                      f"{c.num_steps}).\nFix: pass --config.optimizer.warmup_steps="
+                      f"{min(max(o.warmup_steps, 0), c.num_steps // 10)}.")
