@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Model (only 'vit' in this release).
   c.model = ml_collections.ConfigDict(dict(
-      name="vit", patch_size=4, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=256,
+      name="vit", patch_size=4, hidden_size=48, num_layers=3, num_heads=4, mlp_dim=192,
       dtype="float32"))  # Activation dtype; parameters stay float32.
 
   # The sparsity modules of Peng et al.; apply_variant() sets them as a group.
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.manual_dir = config_dict.placeholder(str)  # ImageNet manual download dir
   c.image_size = 16
   c.num_classes = 10
-  c.batch_size = 128                 # Global train batch over all devices and hosts.
+  c.batch_size = 32                  # Global train batch over all devices and hosts.
   c.eval_batch_size = 256            # Global eval batch.
   c.input = ml_collections.ConfigDict(dict(
       shuffle_buffer=2048, crop="pad_crop", flip=False, randaugment_layers=0,
@@ -51,17 +51,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optimization (AdamW).
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, weight_decay=0.1,
+      learning_rate=3e-3, weight_decay=0.3,
       weight_decay_exclude="",   # Regex on '/'-joined param paths exempt from decay ('' = none).
       b1=0.9, b2=0.999, grad_clip_norm=1.0,
       schedule="cosine",         # 'cosine' | 'constant' | 'inverse_sqrt'
       warmup_steps=50))
-  c.num_steps = 1000
+  c.num_steps = 2000
 
   # Loop.
-  c.log_every = 100      # Train metrics (incl. sparsity) every this many steps.
-  c.eval_every = 500     # Also evaluated at the end.
-  c.checkpoint_every = 250
+  c.log_every = 250      # Train metrics (incl. sparsity) every this many steps.
+  c.eval_every = 1000    # Also evaluated at the end.
+  c.checkpoint_every = 500
   c.keep_checkpoints = 3
 
   # Parallelism: mesh over ('data', 'fsdp', 'tensor'); -1 = all remaining devices.
