@@ -2,8 +2,8 @@
 import jax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 import flax.linen as nn
+from flax import traverse_util
 
 from sparse_jax import train
 
@@ -11,7 +11,6 @@ from sparse_jax import train
 def describe(config: ml_collections.ConfigDict) -> str:
   """The resolved config, the mesh, and a parameter table with the total."""
   exp = train.build_experiment(config)
-  specs = traverse_util.flatten_dict(nn.get_partition_spec(exp.boxed_params))
   names = traverse_util.flatten_dict(
       jax.tree.map(lambda b: b.names if isinstance(b, nn.Partitioned) else None,
                    exp.boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
@@ -25,7 +24,6 @@ def describe(config: ml_collections.ConfigDict) -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   table = "\n".join("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
-  del specs
   mesh = exp.mesh
   param_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize
                     for s in jax.tree.leaves(exp.state_shapes.params))

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from typing import Any
 
@@ -44,19 +45,18 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------- optimizer
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup over `warmup_steps`, then constant, cosine decay to 0 at
+  `num_steps`, or inverse square root (lr * sqrt(warmup / step), the T5 recipe)."""
   o = config.optimizer
-  warmup = max(int(o.warmup_steps), 0)
-  if o.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup),
-                                 optax.constant_schedule(o.learning_rate)], [warmup]) \
-        if warmup else optax.constant_schedule(o.learning_rate)
+  lr, warmup = o.learning_rate, int(o.warmup_steps)
   if o.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup else o.learning_rate,
-                                              o.learning_rate, warmup, config.num_steps)
-  # inverse_sqrt: linear warmup, then lr * sqrt(warmup / step).
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
+                                              config.num_steps)
+  if o.schedule == "constant":
+    return lambda step: lr * jnp.minimum(1.0, (step + 1) / max(warmup, 1))
   w = max(warmup, 1)
-  return lambda step: o.learning_rate * jnp.minimum(
-      jnp.maximum(step, 1) / w, jnp.sqrt(w / jnp.maximum(step, 1)))
+  return lambda step: lr * jnp.minimum(jnp.maximum(step, 1) / w,
+                                       jnp.sqrt(w / jnp.maximum(step, 1)))
 
 
 def projection_rule(config: ml_collections.ConfigDict) -> ProjectionRule | None:
@@ -72,10 +72,10 @@ def projection_rule(config: ml_collections.ConfigDict) -> ProjectionRule | None:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Gradient clipping + AdamW (decay masked by `weight_decay_exclude`), wrapped with
+  the sparsity projections the config needs."""
   o = config.optimizer
-  exclude = o.weight_decay_exclude
-
-  regex = re.compile(exclude) if exclude else None
+  regex = re.compile(o.weight_decay_exclude) if o.weight_decay_exclude else None
 
   def decay_mask(params):
     def decayed(path, _):
@@ -281,7 +281,6 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if not os.path.isdir(probe_dir):
     raise ConfigError(f"Workdir {path} cannot be created: {probe_dir} is a file.\n{fix}")
   try:
-    import tempfile  # pylint: disable=import-outside-toplevel
     with tempfile.TemporaryFile(dir=probe_dir):
       pass
   except OSError as e:
