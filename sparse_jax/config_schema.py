@@ -29,8 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
       activation_mixing_steps=0,         # T_mix for 'mixed' (0 = direct swap).
       zeroth_bias_position="mlp_output",  # 'none' | 'mlp_output' (official code) | 'mlp_input' (paper)
       zeroth_bias_clipping=config_dict.placeholder(float),  # c of |b| <= c|gamma|; None = unclipped
-      restricted_norm=True,              # Pre-MLP LayerNorm without bias, projected scale.
-      norm_projection="clamp",           # 'clamp' (gamma >= 1, from scratch) | 'uplift' (finetune)
+      restricted_norm=True,              # Restrict the pre-MLP LayerNorm (projected scale):
+      norm_projection="clamp",           # 'clamp': no bias, gamma >= 1 (from scratch);
+                                         # 'uplift': bias kept but frozen, |gamma| uplifted (finetune)
       uplift_steps=0,                    # T_up of the uplift.
       weight_noise=0.0,                  # rho of per-token weight noise on both MLP denses.
   ))

@@ -71,6 +71,11 @@ def projection_rule(config: ml_collections.ConfigDict) -> ProjectionRule | None:
                         uplift_steps=s.uplift_steps)
 
 
+def _path_name(path) -> str:
+  """'block_0/mlp/wi/kernel' for a jax key path."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Gradient clipping + AdamW (decay masked by `weight_decay_exclude`), wrapped with
   the sparsity projections the config needs."""
@@ -79,8 +84,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
   def decay_mask(params):
     def decayed(path, _):
-      name = "/".join(str(getattr(k, "key", k)) for k in path)
-      return regex is None or regex.search(name) is None
+      return regex is None or regex.search(_path_name(path)) is None
     return jax.tree_util.tree_map_with_path(decayed, params)
 
   chain = []
@@ -88,6 +92,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
   chain.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2,
                            weight_decay=o.weight_decay, mask=decay_mask))
+  s = config.sparsity
+  if s.restricted_norm and s.norm_projection == "uplift":
+    # Finetuning's restricted LayerNorm keeps its pretrained bias but does not train it.
+    frozen = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: _path_name(path).endswith("mlp_norm/bias"), params)
+    chain.append(optax.masked(optax.set_to_zero(), frozen))
   tx = optax.chain(*chain)
   rule = projection_rule(config)
   return with_projections(tx, rule) if rule else tx
@@ -341,6 +351,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   start_time = time.time()
   mesh = preflight(config, workdir)
+  summary_path = os.path.join(os.path.abspath(workdir), SUMMARY_FILE)
+  if os.path.exists(summary_path):  # Finished (same config, checked above): no retraining.
+    with open(summary_path) as f:
+      summary = json.load(f)
+    if summary.get("step") == config.num_steps:
+      log.info("Run in %s already finished at step %d; see %s.", workdir,
+               config.num_steps, summary_path)
+      return summary
   from sparse_jax.data import images  # pylint: disable=import-outside-toplevel
   images.prepare_dataset(config)
   exp = build_experiment(config, mesh)
@@ -350,17 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   if is_chief and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     _write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config_json(config)))
-  summary_path = os.path.join(workdir, SUMMARY_FILE)
   checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
-  if latest is not None and latest >= config.num_steps and os.path.exists(summary_path):
-    log.info("Run in %s already finished at step %d; see %s.", workdir, latest,
-                 summary_path)
-    checkpointer.close()
-    with open(summary_path) as f:
-      return json.load(f)
-
   abstract = ckpt_lib.abstract_with_shardings(exp.state_shapes, exp.state_shardings)
   if latest is not None:
     log.info("Resuming from checkpoint at step %d in %s.", latest, checkpointer.directory)

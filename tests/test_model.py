@@ -23,7 +23,7 @@ def test_vit_b16_vanilla_has_published_parameter_count():
 
 def test_sparsified_vit_b16_adds_zeroth_biases_and_drops_norm_biases():
   model = VisionTransformer(1000, 16, 768, 12, 12, 3072, 224, activation="jsrelu",
-                            zeroth_bias_position="mlp_output", restricted_norm=True)
+                            zeroth_bias_position="mlp_output", mlp_norm_bias=False)
   params = nn.unbox(_abstract_params(model, 224))
   assert params["block_0"]["mlp"]["zeroth_bias"].shape == (197, 768)
   assert "bias" not in params["block_0"]["mlp_norm"]
@@ -34,7 +34,7 @@ def test_sparsified_vit_b16_adds_zeroth_biases_and_drops_norm_biases():
 
 def test_every_parameter_has_logical_axis_names():
   model = VisionTransformer(10, 4, 32, 2, 2, 64, 16, activation="jsrelu",
-                            zeroth_bias_position="mlp_input", restricted_norm=True)
+                            zeroth_bias_position="mlp_input", mlp_norm_bias=False)
   boxed = _abstract_params(model, 16)
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)

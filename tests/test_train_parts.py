@@ -61,3 +61,28 @@ def test_config_validation_messages():
     config_schema.validate(c)
   with pytest.raises(ConfigError, match="Unknown config argument"):
     config_schema.parse_variant("vanilla,sparsified")
+
+
+def test_finetuning_restricted_norm_keeps_a_frozen_bias_and_uplifts_scale():
+  c = config_schema.apply_variant(config_schema.base_config(), "sparsified")
+  c.model.num_layers = 1
+  c.sparsity.norm_projection = "uplift"
+  c.sparsity.uplift_steps = 4
+  c.optimizer.warmup_steps = 0
+  exp = train.build_experiment(c)
+  state = train.init_state(exp)
+  params = jax.tree.map(lambda x: x, state.params)
+  params["block_0"]["mlp_norm"]["bias"] = jnp.full_like(params["block_0"]["mlp_norm"]["bias"], 0.3)
+  params["block_0"]["mlp_norm"]["scale"] = jnp.full_like(params["block_0"]["mlp_norm"]["scale"], 0.1)
+  state = train.TrainState(state.step, params, exp.tx.init(params))
+  step_fn = train.make_train_step(exp, with_metrics=False)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(32, 16, 16, 3)).astype(np.float32),
+           "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 32)]}
+  state, _ = step_fn(state, train.global_batch(exp, batch))
+  state, _ = step_fn(state, train.global_batch(exp, batch))
+  norm = jax.device_get(state.params["block_0"]["mlp_norm"])
+  np.testing.assert_array_equal(norm["bias"], np.float32(0.3))  # Frozen.
+  assert np.all(np.abs(norm["scale"]) >= 0.5 - 1e-6)           # Uplift floor 2/4 after 2 steps.
+  other = jax.device_get(state.params["block_0"]["attn_norm"]["bias"])
+  assert np.any(other != 0)                                     # Other biases still train.

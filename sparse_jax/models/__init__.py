@@ -18,5 +18,7 @@ def build_model(config: ml_collections.ConfigDict) -> VisionTransformer:
       num_classes=config.num_classes, patch_size=m.patch_size, hidden_size=m.hidden_size,
       num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       image_size=config.image_size, activation=s.activation,
-      zeroth_bias_position=position, restricted_norm=s.restricted_norm,
+      zeroth_bias_position=position,
+      # From scratch the restricted norm drops its bias; finetuning (uplift) keeps it frozen.
+      mlp_norm_bias=not (s.restricted_norm and s.norm_projection == "clamp"),
       weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype))

@@ -1,8 +1,8 @@
 """Vision Transformer (pre-LN, class token, learned position embeddings).
 
 Vanilla = ReLU MLPs. Sparsified = J-SquaredReLU + zeroth bias + restricted LayerNorm
-(no bias on the norm before each MLP; its scale is clamped >= 1 by the post-update
-projection, see `sparse_jax.transforms.projections`). ViT-B/16 vanilla at 224 px with
+(`mlp_norm_bias=False`: no bias on the norm before each MLP; its scale is clamped >= 1
+by the post-update projection, see `sparse_jax.transforms.projections`). ViT-B/16 vanilla at 224 px with
 1000 classes has exactly 86,567,656 parameters.
 """
 from typing import Any
@@ -25,7 +25,7 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   activation: ActivationName
   zeroth_bias_position: ZerothBiasPosition | None
-  restricted_norm: bool
+  mlp_norm_bias: bool
   max_len: int
   weight_noise: float
   dtype: Dtype
@@ -36,8 +36,9 @@ class EncoderBlock(nn.Module):
     h = layer_norm("attn_norm", dtype=self.dtype)(x)
     x = x + MultiHeadAttention(self.num_heads, d // self.num_heads, dtype=self.dtype,
                                name="attention")(h)
-    # The restricted LayerNorm has no bias: its output's offset is the zeroth bias's job.
-    h = layer_norm("mlp_norm", use_bias=not self.restricted_norm, dtype=self.dtype)(x)
+    # The from-scratch restricted LayerNorm has no bias: its output's offset is the zeroth
+    # bias's job. (Finetuning keeps the bias, frozen by the optimizer.)
+    h = layer_norm("mlp_norm", use_bias=self.mlp_norm_bias, dtype=self.dtype)(x)
     return x + SparseMlp(self.mlp_dim, self.activation, self.zeroth_bias_position,
                          self.max_len, (self.weight_noise, self.weight_noise),
                          dtype=self.dtype, name="mlp")(h, deterministic=deterministic,
@@ -55,7 +56,7 @@ class VisionTransformer(nn.Module):
   image_size: int
   activation: ActivationName = "relu"
   zeroth_bias_position: ZerothBiasPosition | None = None
-  restricted_norm: bool = False
+  mlp_norm_bias: bool = True
   weight_noise: float = 0.0
   dtype: Dtype = jnp.float32
 
@@ -89,7 +90,7 @@ class VisionTransformer(nn.Module):
     x = x + pos.astype(self.dtype)
     for i in range(self.num_layers):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.activation,
-                       self.zeroth_bias_position, self.restricted_norm, self.num_tokens,
+                       self.zeroth_bias_position, self.mlp_norm_bias, self.num_tokens,
                        self.weight_noise, self.dtype, name=f"block_{i}")(
                            x, deterministic=not train, mixing=mixing)
     x = layer_norm("encoder_norm", dtype=self.dtype)(x)
