@@ -11,7 +11,8 @@ if REPO not in sys.path:  # Lets tests import configs/*.py as the CLI loads them
   sys.path.insert(0, REPO)
 
 
-def cli_env(tmp_path_factory_dir: str | None = None) -> dict[str, str]:
+def cli_env() -> dict[str, str]:
+  """The environment of a user shell: repo importable, no simulated devices."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")

@@ -1,6 +1,5 @@
 """Bad input: a short error whose last line names the fix, no traceback, exit code 1,
 nothing compiled, and the workdir left exactly as it was."""
-import json
 import os
 
 import numpy as np

@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from conftest import DEFAULT_CONFIG, REPO, cli_env, run_cli
 

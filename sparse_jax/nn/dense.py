@@ -1,5 +1,5 @@
 """Dense layers with logical axis names and optional weight noise."""
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
