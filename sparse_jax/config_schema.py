@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
       norm_projection="clamp",           # 'clamp': no bias, gamma >= 1 (from scratch);
                                          # 'uplift': bias kept but frozen, |gamma| uplifted (finetune)
       uplift_steps=0,                    # T_up of the uplift.
+      projection_timing="after_update",  # 'after_update' (paper) | 'before_update' (official ViT code)
       weight_noise=0.0,                  # rho of per-token weight noise on both MLP denses.
   ))
   c.sparsity.zeroth_bias_clipping = 0.1
@@ -109,6 +110,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("sparsity.zeroth_bias_position", s.zeroth_bias_position,
           ("none", "mlp_input", "mlp_output"))
   _choice("sparsity.norm_projection", s.norm_projection, ("clamp", "uplift"))
+  _choice("sparsity.projection_timing", s.projection_timing,
+          ("after_update", "before_update"))
   _choice("optimizer.schedule", o.schedule, ("cosine", "constant", "inverse_sqrt"))
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
   if c.image_size % m.patch_size:

@@ -100,7 +100,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     chain.append(optax.masked(optax.set_to_zero(), frozen))
   tx = optax.chain(*chain)
   rule = projection_rule(config)
-  return with_projections(tx, rule) if rule else tx
+  if rule is None:
+    return tx
+  return with_projections(tx, rule, before_update=s.projection_timing == "before_update")
 
 
 # ----------------------------------------------------------------------------- setup

@@ -112,3 +112,18 @@ def test_parameter_and_classification_metrics():
   assert float(c["accuracy"]) == pytest.approx(0.5)
   soft = metrics.classification_metrics(logits, jax.nn.one_hot(jnp.array([0, 0, 1]), 2))
   assert float(soft["accuracy"]) == pytest.approx(1 / 3)
+
+
+def test_projection_before_update_lets_the_update_through_unprojected():
+  rule = projections.ProjectionRule(zeroth_bias_clipping=None, norm_projection="clamp")
+  params = {"mlp_norm": {"scale": jnp.array([0.5, 2.0])}}
+  grads = {"mlp_norm": {"scale": jnp.array([1.0, 1.0])}}
+  after = projections.with_projections(optax.sgd(0.25), rule)
+  before = projections.with_projections(optax.sgd(0.25), rule, before_update=True)
+  up_after, _ = after.update(grads, after.init(params), params)
+  up_before, _ = before.update(grads, before.init(params), params)
+  # After: clamp(p - 0.25) = [1, 1.75]. Before: clamp(p) - 0.25 = [0.75, 1.75].
+  np.testing.assert_allclose(optax.apply_updates(params, up_after)["mlp_norm"]["scale"],
+                             [1.0, 1.75])
+  np.testing.assert_allclose(optax.apply_updates(params, up_before)["mlp_norm"]["scale"],
+                             [0.75, 1.75])

@@ -83,12 +83,16 @@ class ProjectionState(NamedTuple):
   count: jax.Array
 
 
-def with_projections(tx: optax.GradientTransformation,
-                     rule: ProjectionRule) -> optax.GradientTransformation:
-  """Wraps `tx` so that params + updates equals project(params + inner updates).
+def with_projections(tx: optax.GradientTransformation, rule: ProjectionRule, *,
+                     before_update: bool = False) -> optax.GradientTransformation:
+  """Wraps `tx` so that params + updates lands on the projected parameters.
 
-  The projection's step is the number of updates applied including this one (the
-  uplift after the first update uses step 1).
+  after the update (default, the papers' text): params + updates = project(params + u);
+  before it (`before_update=True`, the official ViT code, which projects between
+  backward and optimizer.step()): params + updates = project(params) + u, so a freshly
+  updated scale reaches the next forward pass unprojected. u is `tx`'s update of the
+  unprojected params. The projection's step is the number of updates applied, counting
+  this one when projecting after it.
   """
 
   def init_fn(params):
@@ -99,7 +103,10 @@ def with_projections(tx: optax.GradientTransformation,
       raise ValueError("with_projections needs params: call tx.update(grads, state, params).")
     updates, inner = tx.update(updates, state.inner, params)
     count = state.count + 1
-    target = project(optax.apply_updates(params, updates), count, rule)
+    if before_update:
+      target = optax.apply_updates(project(params, state.count, rule), updates)
+    else:
+      target = project(optax.apply_updates(params, updates), count, rule)
     updates = jax.tree.map(lambda t, p: (t - p).astype(p.dtype), target, params)
     return updates, ProjectionState(inner, count)
 
