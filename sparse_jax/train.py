@@ -6,6 +6,7 @@ abstract state -> (write config.json) -> restore or init -> loop -> eval -> summ
 """
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -383,15 +384,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
                f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
 
-  plain_step = make_train_step(exp, with_metrics=False)
-  metrics_step = make_train_step(exp, with_metrics=True)
+  local_batches = images.train_iterator(config, start_step=start_step,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  batches = (global_batch(exp, b) for b in local_batches)
+  if start_step < config.num_steps:
+    first = next(batches)
+    # Compile both step variants up front, so steps/s and the ETA measure training.
+    compile_start = time.time()
+    plain_step = make_train_step(exp, with_metrics=False).lower(state, first).compile()
+    metrics_step = make_train_step(exp, with_metrics=True).lower(state, first).compile()
+    log.info("Compiled the train steps in %.1f s.", time.time() - compile_start)
+    batches = itertools.chain([first], batches)
   eval_step = make_eval_step(exp)
   writer = _writer(workdir)
   train_scalars: dict[str, float] = {}
   eval_scalars: dict[str, float] = {}
-  batches = images.train_iterator(config, start_step=start_step,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
   last_good = latest
   pending = None  # (step, loss, grad_norm) of the previous step, checked one step late.
 
@@ -412,8 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start_step, config.num_steps):
       done = step + 1
       log_now = done % config.log_every == 0 or done == config.num_steps
-      batch = global_batch(exp, next(batches))
-      state, out = (metrics_step if log_now else plain_step)(state, batch)
+      state, out = (metrics_step if log_now else plain_step)(state, next(batches))
       interval_steps += 1
       if pending is not None:
         check_finite(*pending)

@@ -91,3 +91,17 @@ def test_train_kill_resume_and_rerun(tmp_path, data_dir, cache_dir):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "already finished at step 40" in rerun.stderr
   assert {p: os.path.getmtime(p) for p in before} == before
+
+
+def test_digits_build_from_a_directory_holding_a_sparse_jax_folder(tmp_path):
+  """Workdirs like /tmp/sparse_jax/run put a `sparse_jax` folder in the user's cwd."""
+  (tmp_path / "sparse_jax" / "run").mkdir(parents=True)
+  env = cli_env()
+  env["PYTHONPATH"] = ""  # Import the installed package, as a user's shell does.
+  code = ("from sparse_jax import config_schema; from sparse_jax.data import images; "
+          "c = config_schema.base_config(); c.data_dir = 'tfds'; "
+          "print(images.prepare_dataset(c).num_train_examples)")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "1500"

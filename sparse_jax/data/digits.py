@@ -57,7 +57,11 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    # DatasetInfo directly, not dataset_info_from_configs(): the latter looks for
+    # metadata files beside the module by package name, which resolves to the wrong
+    # directory when the current directory holds a folder named `sparse_jax`.
+    return tfds.core.DatasetInfo(
+        builder=self,
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
