@@ -360,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       summary = json.load(f)
     if summary.get("step") == config.num_steps:
       log.info("Run in %s already finished at step %d; see %s.", workdir,
-               config.num_steps, summary_path)
+             config.num_steps, summary_path)
       return summary
   from sparse_jax.data import images  # pylint: disable=import-outside-toplevel
   images.prepare_dataset(config)
@@ -382,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_state(exp)
   start_step = int(jax.device_get(state.step))
   log.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
-               f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
+           f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
 
   local_batches = images.train_iterator(config, start_step=start_step,
                                         process_index=jax.process_index(),
@@ -434,9 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()}
                              | {"train/steps_per_sec": rate})
         log.info("step %d/%d | loss %.4f | accuracy %.3f | activation density %.4f | "
-                     "%.1f steps/s | ETA %s", done, config.num_steps, scalars["loss"],
-                     scalars["accuracy"], scalars.get("activation_density/mean", float("nan")),
-                     rate, _format_eta((config.num_steps - done) / max(rate, 1e-9)))
+                 "%.1f steps/s | ETA %s", done, config.num_steps, scalars["loss"],
+                 scalars["accuracy"], scalars.get("activation_density/mean", float("nan")),
+                 rate, _format_eta((config.num_steps - done) / max(rate, 1e-9)))
         interval_start, interval_steps = time.time(), 0
       if done % config.checkpoint_every == 0 or done == config.num_steps:
         check_finite(*pending)
@@ -446,10 +446,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_scalars = evaluate(exp, eval_step, state.params, state.step)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_scalars.items()})
         log.info("eval at step %d | loss %.4f | accuracy %.4f | activation density %.4f",
-                     done, eval_scalars["loss"], eval_scalars["accuracy"],
-                     eval_scalars.get("activation_density/mean", float("nan")))
+                 done, eval_scalars["loss"], eval_scalars["accuracy"],
+                 eval_scalars.get("activation_density/mean", float("nan")))
       if checkpointer.reached_preemption(done):
-        checkpointer.save(done, state, force=True)
+        if last_good != done:
+          check_finite(*pending)
+          checkpointer.save(done, state, force=True)
         checkpointer.wait()
         log.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", done)
         return {}
@@ -469,6 +471,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _write_json_atomic(summary_path, summary)
   writer.close()
   log.info("Done: eval accuracy %.4f, eval activation density %.4f; summary in %s",
-               summary.get("eval/accuracy", float("nan")),
-               summary.get("eval/activation_density/mean", float("nan")), summary_path)
+           summary.get("eval/accuracy", float("nan")),
+           summary.get("eval/activation_density/mean", float("nan")), summary_path)
   return summary
