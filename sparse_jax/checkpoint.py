@@ -26,9 +26,6 @@ class Checkpointer:
     """The newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Restores `step` (default: latest) into the structure/shardings of `abstract_state`."""
     step = self.latest_step() if step is None else step

@@ -97,15 +97,22 @@ def parameter_metrics(params: Mapping[str, Any],
           **_with_mean("norm_scale_abs", per_layer(norm_scale_path))}
 
 
+def _targets(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Soft targets [B, C] from class ids [B] or soft targets [B, C]."""
+  if labels.ndim == logits.ndim:
+    return labels
+  return jax.nn.one_hot(labels, logits.shape[-1])
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example cross-entropy [B]; labels are class ids [B] or soft targets [B, C]."""
+  return -jnp.sum(_targets(logits, labels) * jax.nn.log_softmax(logits), axis=-1)
+
+
 def classification_metrics(logits: jax.Array, labels: jax.Array,
                            mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """Cross-entropy and top-1 accuracy; labels are class ids [B] or soft targets [B, C]."""
-  if labels.ndim == logits.ndim:
-    targets = labels
-    label_ids = jnp.argmax(labels, axis=-1)
-  else:
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    label_ids = labels
-  loss = -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+  label_ids = jnp.argmax(labels, axis=-1) if labels.ndim == logits.ndim else labels
   correct = jnp.argmax(logits, axis=-1) == label_ids
-  return {"loss": masked_mean(loss, mask), "accuracy": masked_mean(correct, mask)}
+  return {"loss": masked_mean(cross_entropy(logits, labels), mask),
+          "accuracy": masked_mean(correct, mask)}

@@ -172,10 +172,6 @@ def init_state(exp: Experiment) -> TrainState:
 
 
 # ----------------------------------------------------------------------------- steps
-def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
-
-
 def make_train_step(exp: Experiment, *, with_metrics: bool):
   """Jitted (state, batch) -> (state, scalars); the metrics variant also sows
   intermediates and differentiates zero probes for per-token gradients."""
@@ -196,7 +192,8 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
         logits, mutated = apply(variables, batch["image"], mutable=["intermediates"])
       else:
         logits, mutated = apply(variables, batch["image"]), {}
-      return _cross_entropy(logits, batch["label"]), (logits, mutated)
+      loss = jnp.mean(metrics.cross_entropy(logits, batch["label"]))
+      return loss, (logits, mutated)
 
     probes = None
     if with_metrics:
