@@ -10,18 +10,14 @@ from ml_collections import config_dict
 from sparse_jax.errors import ConfigError
 
 VARIANTS = ("sparsified", "vanilla")
+MODELS = ("vit", "t5")
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by all experiments (a tiny sparsified ViT on the digits set)."""
+def _common_config() -> ml_collections.ConfigDict:
+  """Keys every experiment has: seed, sparsity modules, optimizer, loop, parallelism."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.variant = "sparsified"  # Informational: which variant apply_variant() applied.
-
-  # Model (only 'vit' in this release).
-  c.model = ml_collections.ConfigDict(dict(
-      name="vit", patch_size=4, hidden_size=48, num_layers=3, num_heads=4, mlp_dim=192,
-      dtype="float32"))  # Activation dtype; parameters stay float32.
 
   # The sparsity modules of Peng et al.; apply_variant() sets them as a group.
   c.sparsity = ml_collections.ConfigDict(dict(
@@ -34,22 +30,16 @@ def base_config() -> ml_collections.ConfigDict:
                                          # 'uplift': bias kept but frozen, |gamma| uplifted (finetune)
       uplift_steps=0,                    # T_up of the uplift.
       projection_timing="after_update",  # 'after_update' (paper) | 'before_update' (official ViT code)
-      weight_noise=0.0,                  # rho of per-token weight noise on both MLP denses.
+      weight_noise=0.0,                  # rho of per-token weight noise (ViT: both MLP denses; T5: wi).
   ))
   c.sparsity.zeroth_bias_clipping = 0.1
 
-  # Data.
-  c.dataset = "sklearn_digits"       # 'sklearn_digits' (embedded) | 'imagenet2012'
   c.data_dir = config_dict.placeholder(str)    # tfds data_dir (None = tfds default)
-  c.manual_dir = config_dict.placeholder(str)  # ImageNet manual download dir
-  c.image_size = 16
-  c.num_classes = 10
   c.batch_size = 32                  # Global train batch over all devices and hosts.
   c.eval_batch_size = 256            # Global eval batch.
-  c.input = ml_collections.ConfigDict(dict(
-      shuffle_buffer=2048, crop="pad_crop", flip=False, randaugment_layers=0,
-      randaugment_magnitude=0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
-      eval_resize=16))
+  # Training-mode sparsity statistics (logging steps only) use the first this many
+  # examples of the batch (0 = all): a cost cap, as in the official T5 code (32).
+  c.metrics_batch_size = 0
 
   # Optimization (AdamW).
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -68,6 +58,44 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Parallelism: mesh over ('data', 'fsdp', 'tensor'); -1 = all remaining devices.
   c.mesh_shape = (-1, 1, 1)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of image experiments (a tiny sparsified ViT on the digits set)."""
+  c = _common_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name="vit", patch_size=4, hidden_size=48, num_layers=3, num_heads=4, mlp_dim=192,
+      dtype="float32"))  # Activation dtype; parameters stay float32.
+  c.dataset = "sklearn_digits"       # 'sklearn_digits' (embedded) | 'imagenet2012'
+  c.manual_dir = config_dict.placeholder(str)  # ImageNet manual download dir
+  c.image_size = 16
+  c.num_classes = 10
+  c.input = ml_collections.ConfigDict(dict(
+      shuffle_buffer=2048, crop="pad_crop", flip=False, randaugment_layers=0,
+      randaugment_magnitude=0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
+      eval_resize=16))
+  return c
+
+
+def t5_config() -> ml_collections.ConfigDict:
+  """Defaults of text experiments: T5-Base v1.0 on C4 with span corruption."""
+  c = _common_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name="t5", vocab_size=32128, d_model=768, num_heads=12, head_dim=64, d_ff=3072,
+      num_encoder_layers=12, num_decoder_layers=12, relative_attention_num_buckets=32,
+      relative_attention_max_distance=128, dropout_rate=0.0,
+      max_len=512,       # Rows of each zeroth bias table (>= inputs and targets length).
+      dtype="float32"))
+  c.dataset = "c4/en"   # 'c4/en' (tfds) | 'python_reference_text' (embedded)
+  c.text = ml_collections.ConfigDict(dict(
+      # SentencePiece model (local or gs://); '' trains one on the dataset (embedded only).
+      vocabulary_path="gs://t5-data/vocabs/cc_all.32000/sentencepiece.model",
+      vocabulary_pieces=1000,            # Pieces of a trained vocabulary.
+      inputs_length=512, targets_length=114,  # Span corruption at 15% noise, mean span 3.
+      noise_density=0.15, mean_noise_span_length=3.0,
+      shuffle_window=10_000,             # Documents shuffled together.
+      eval_max_examples=0))              # 0 = the whole validation split.
   return c
 
 
@@ -97,6 +125,26 @@ def parse_variant(arg: str | None, known: tuple[str, ...] = VARIANTS) -> str:
   return words[0]
 
 
+def parse_arguments(arg: str | None, groups: dict[str, tuple[str, ...]]) -> dict[str, str]:
+  """One choice per group from a config argument like 'tiny,vanilla' (any order).
+
+  Each group's first entry is its default, e.g. groups={'size': ('base', 'tiny'),
+  'variant': VARIANTS}.
+  """
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  chosen = {}
+  for word in words:
+    group = next((g for g, options in groups.items() if word in options), None)
+    if group is None or group in chosen:
+      options = "; ".join(f"{g}: {', '.join(o)}" for g, o in groups.items())
+      example = ",".join(o[-1] for o in groups.values())
+      raise ConfigError(f"Unknown config argument {arg!r} ({word!r} is "
+                        f"{'repeated' if group else 'not an option'}).\n"
+                        f"Fix: name at most one of each ({options}), e.g. :{example}.")
+    chosen[group] = word
+  return {g: chosen.get(g, options[0]) for g, options in groups.items()}
+
+
 def _choice(name: str, value, allowed) -> None:
   if value not in allowed:
     raise ConfigError(f"config.{name}={value!r} is not supported.\n"
@@ -114,18 +162,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
           ("after_update", "before_update"))
   _choice("optimizer.schedule", o.schedule, ("cosine", "constant", "inverse_sqrt"))
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
-  if c.image_size % m.patch_size:
-    raise ConfigError(f"image_size={c.image_size} is not a multiple of "
-                      f"model.patch_size={m.patch_size}.\n"
-                      "Fix: choose an image_size divisible by the patch size.")
-  if m.hidden_size % m.num_heads:
-    raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
-                      f"model.num_heads={m.num_heads}.\nFix: change one of them.")
+  _choice("model.name", m.name, MODELS)
+  if m.name == "vit":
+    _validate_vit(c)
+  else:
+    _validate_t5(c)
   for key in ("num_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
               "checkpoint_every"):
     if c[key] <= 0:
       raise ConfigError(f"config.{key}={c[key]} must be positive.\n"
                         f"Fix: pass --config.{key}=<a positive integer>.")
+  if c.metrics_batch_size < 0:
+    raise ConfigError(f"config.metrics_batch_size={c.metrics_batch_size} must be >= 0.\n"
+                      "Fix: pass --config.metrics_batch_size=32 (0 = the whole batch).")
   if s.weight_noise < 0:
     raise ConfigError(f"sparsity.weight_noise={s.weight_noise} must be >= 0.\n"
                       "Fix: pass --config.sparsity.weight_noise=0.1 (or 0 to disable).")
@@ -133,3 +182,34 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, num_steps="
                       f"{c.num_steps}).\nFix: pass --config.optimizer.warmup_steps="
                       f"{min(max(o.warmup_steps, 0), c.num_steps // 10)}.")
+
+
+def _validate_vit(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  if c.image_size % m.patch_size:
+    raise ConfigError(f"image_size={c.image_size} is not a multiple of "
+                      f"model.patch_size={m.patch_size}.\n"
+                      "Fix: choose an image_size divisible by the patch size.")
+  if m.hidden_size % m.num_heads:
+    raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                      f"model.num_heads={m.num_heads}.\nFix: change one of them.")
+
+
+def _validate_t5(c: ml_collections.ConfigDict) -> None:
+  m, t = c.model, c.text
+  for key in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+              "num_encoder_layers", "num_decoder_layers", "max_len"):
+    if m[key] <= 0:
+      raise ConfigError(f"model.{key}={m[key]} must be positive.\n"
+                        f"Fix: pass --config.model.{key}=<a positive integer>.")
+  for key in ("inputs_length", "targets_length"):
+    if t[key] <= 0:
+      raise ConfigError(f"text.{key}={t[key]} must be positive.\n"
+                        f"Fix: pass --config.text.{key}=<a positive integer>.")
+  longest = max(t.inputs_length, t.targets_length)
+  if c.sparsity.zeroth_bias_position != "none" and longest > m.max_len:
+    raise ConfigError(
+        f"Sequences of {longest} tokens (text.inputs_length={t.inputs_length}, "
+        f"text.targets_length={t.targets_length}) are longer than the zeroth bias table "
+        f"(model.max_len={m.max_len} rows).\n"
+        f"Fix: pass --config.model.max_len={longest}, or shorten the sequences.")

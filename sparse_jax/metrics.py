@@ -3,6 +3,9 @@
 Every function here is pure jnp and returns a flat dict of scalars named
 `<metric>/layer_<i>` plus `<metric>/mean` (the mean over layers). Layers are the MLP
 blocks in the order of their parameter paths (natural sort: block_2 before block_10).
+Models with several stacks (T5's encoder and decoder) pass `masks` as a mapping from the
+top-level module name to that stack's token mask; keys are then
+`<metric>/<stack>/layer_<i>`, `<metric>/<stack>/mean` and `<metric>/mean` over all layers.
 Definitions follow the method (Peng et al.): a unit is active when |a| > 1e-6; its
 derivative is zero when z <= 0; dL/dz comes from zero-valued probes on z.
 """
@@ -38,13 +41,19 @@ def mlp_blocks(tree: Mapping[str, Any], leaf_names: tuple[str, ...]
   return sorted(found, key=lambda item: _natural_key(item[0]))
 
 
-def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Mean of x [B, ...] over everything, with examples weighted by mask [B] (or None)."""
+Mask = jax.Array | None
+Masks = Mask | Mapping[str, jax.Array]
+
+
+def masked_mean(x: jax.Array, mask: Mask) -> jax.Array:
+  """Mean of x over everything, weighting its leading dims by mask ([B] per example,
+  [B, L] per token; None = unweighted)."""
   x = x.astype(jnp.float32)
   if mask is None:
     return jnp.mean(x)
-  per_example = jnp.mean(x, axis=tuple(range(1, x.ndim)))
-  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  mask = mask.astype(jnp.float32)
+  per_item = jnp.mean(x, axis=tuple(range(mask.ndim, x.ndim)))
+  return jnp.sum(per_item * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _with_mean(name: str, values: list[jax.Array]) -> dict[str, jax.Array]:
@@ -54,18 +63,37 @@ def _with_mean(name: str, values: list[jax.Array]) -> dict[str, jax.Array]:
   return out
 
 
+def _per_layer(name: str, blocks: list[tuple[tuple[str, ...], Any]], value_fn,
+               masks: Masks) -> dict[str, jax.Array]:
+  """value_fn(block, mask) per block, named per layer (and per stack if masks is a map)."""
+  if not isinstance(masks, Mapping):
+    return _with_mean(name, [value_fn(m, masks) for _, m in blocks])
+  stray = ["/".join(p) for p, _ in blocks if p[0] not in masks]
+  if stray:
+    raise ValueError(f"MLP blocks {stray} are in none of the stacks {sorted(masks)}.")
+  out, every = {}, []
+  for stack, mask in masks.items():
+    values = [value_fn(m, mask) for p, m in blocks if p[0] == stack]
+    out.update(_with_mean(f"{name}/{stack}", values))
+    every += values
+  if every:
+    out[f"{name}/mean"] = jnp.mean(jnp.stack(every))
+  return out
+
+
 def activation_metrics(intermediates: Mapping[str, Any],
-                       mask: jax.Array | None = None) -> dict[str, jax.Array]:
+                       mask: Masks = None) -> dict[str, jax.Array]:
   """Activation density (1 - sparsity) and derivative sparsity per MLP layer."""
   blocks = mlp_blocks(intermediates, ("z", "a"))
-  density = [masked_mean(jnp.abs(m["a"]) > ACTIVE_THRESHOLD, mask) for _, m in blocks]
-  derivative = [masked_mean(m["z"] <= 0, mask) for _, m in blocks]
-  return {**_with_mean("activation_density", density),
-          **_with_mean("derivative_sparsity", derivative)}
+  return {
+      **_per_layer("activation_density", blocks,
+                   lambda m, k: masked_mean(jnp.abs(m["a"]) > ACTIVE_THRESHOLD, k), mask),
+      **_per_layer("derivative_sparsity", blocks,
+                   lambda m, k: masked_mean(m["z"] <= 0, k), mask)}
 
 
 def gradient_metrics(probe_grads: Mapping[str, Any],
-                     mask: jax.Array | None = None) -> dict[str, jax.Array]:
+                     mask: Masks = None) -> dict[str, jax.Array]:
   """Effective gradient sparsity mean 1[|dL/dz| < p] and the per-token ||dL/dy||.
 
   `probe_grads` is the gradient of the loss with respect to the 'perturbations'
@@ -74,39 +102,40 @@ def gradient_metrics(probe_grads: Mapping[str, Any],
   blocks = mlp_blocks(probe_grads, ("z", "y"))
   out: dict[str, jax.Array] = {}
   for p in GRADIENT_THRESHOLDS:
-    out.update(_with_mean(f"gradient_sparsity_{p:g}",
-                          [masked_mean(jnp.abs(m["z"]) < p, mask) for _, m in blocks]))
-  out.update(_with_mean("output_gradient_norm", [
-      masked_mean(jnp.linalg.norm(m["y"].astype(jnp.float32), axis=-1), mask)
-      for _, m in blocks]))
+    out.update(_per_layer(f"gradient_sparsity_{p:g}", blocks,
+                          lambda m, k, p=p: masked_mean(jnp.abs(m["z"]) < p, k), mask))
+  out.update(_per_layer(
+      "output_gradient_norm", blocks,
+      lambda m, k: masked_mean(jnp.linalg.norm(m["y"].astype(jnp.float32), axis=-1), k),
+      mask))
   return out
 
 
 def parameter_metrics(params: Mapping[str, Any],
                       zeroth_bias_path: tuple[str, ...] = ("mlp", "zeroth_bias"),
-                      norm_scale_path: tuple[str, ...] = ("mlp_norm", "scale")
-                      ) -> dict[str, jax.Array]:
-  """Zeroth-bias mean |b| and pre-MLP norm mean |gamma| per layer."""
+                      norm_scale_path: tuple[str, ...] = ("mlp_norm", "scale"),
+                      stacks: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+  """Zeroth-bias mean |b| and pre-MLP norm mean |gamma| per layer (per stack if given)."""
   flat = traverse_util.flatten_dict(dict(params))
+  masks = None if stacks is None else {s: None for s in stacks}
 
-  def per_layer(suffix):
+  def per_layer(name, suffix):
     paths = sorted((p for p in flat if p[-len(suffix):] == suffix), key=_natural_key)
-    return [jnp.mean(jnp.abs(flat[p])) for p in paths]
+    blocks = [(p, flat[p]) for p in paths]
+    return _per_layer(name, blocks, lambda v, _: jnp.mean(jnp.abs(v)), masks)
 
-  return {**_with_mean("zeroth_bias_abs", per_layer(zeroth_bias_path)),
-          **_with_mean("norm_scale_abs", per_layer(norm_scale_path))}
-
-
-def _targets(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Soft targets [B, C] from class ids [B] or soft targets [B, C]."""
-  if labels.ndim == logits.ndim:
-    return labels
-  return jax.nn.one_hot(labels, logits.shape[-1])
+  return {**per_layer("zeroth_bias_abs", zeroth_bias_path),
+          **per_layer("norm_scale_abs", norm_scale_path)}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example cross-entropy [B]; labels are class ids [B] or soft targets [B, C]."""
-  return -jnp.sum(_targets(logits, labels) * jax.nn.log_softmax(logits), axis=-1)
+  """Cross-entropy per position of logits [..., C]; labels are class ids [...] or soft
+  targets [..., C]."""
+  log_probs = jax.nn.log_softmax(logits)
+  if labels.ndim == logits.ndim:
+    return -jnp.sum(labels * log_probs, axis=-1)
+  # Ids: a gather, not a one-hot as large as the logits (T5's vocabulary is 32k).
+  return -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array,
@@ -116,3 +145,12 @@ def classification_metrics(logits: jax.Array, labels: jax.Array,
   correct = jnp.argmax(logits, axis=-1) == label_ids
   return {"loss": masked_mean(cross_entropy(logits, labels), mask),
           "accuracy": masked_mean(correct, mask)}
+
+
+def token_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> dict[str, jax.Array]:
+  """Token cross-entropy and accuracy of logits [B, L, V] against targets [B, L],
+  averaged over tokens with weights [B, L] (0 for padding)."""
+  correct = jnp.argmax(logits, axis=-1) == targets
+  return {"loss": masked_mean(cross_entropy(logits, targets), weights),
+          "accuracy": masked_mean(correct, weights)}

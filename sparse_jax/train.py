@@ -24,7 +24,7 @@ import optax
 from flax import struct
 
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import config_schema, metrics, sharding
+from sparse_jax import config_schema, metrics, sharding, tasks
 from sparse_jax.errors import ConfigError
 from sparse_jax.models import build_model
 from sparse_jax.ops.activations import mixing_coefficient
@@ -111,6 +111,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 class Experiment:
   """Everything derived from a config before any array is allocated."""
   config: ml_collections.ConfigDict
+  task: tasks.Task
   model: nn.Module
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
@@ -121,10 +122,6 @@ class Experiment:
   @property
   def num_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state_shapes.params))
-
-
-def _dummy_images(config) -> jax.Array:
-  return jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -145,10 +142,11 @@ def build_experiment(config: ml_collections.ConfigDict,
   """Model, optimizer, mesh and the abstract, sharded train state (no compile, no data)."""
   config_schema.validate(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
+  task = tasks.task_for(config)
   model = build_model(config)
   tx = make_optimizer(config)
-  boxed = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), _dummy_images(config), train=False)["params"])
+  boxed = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), *task.dummy_inputs(config), train=False)["params"])
   param_shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
   params = nn.unbox(boxed)
   opt_shapes = jax.eval_shape(tx.init, params)
@@ -156,7 +154,7 @@ def build_experiment(config: ml_collections.ConfigDict,
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
                                         transform_non_params=lambda _: replicated)
   step = jax.ShapeDtypeStruct((), jnp.int32)
-  return Experiment(config, model, tx, mesh, boxed,
+  return Experiment(config, task, model, tx, mesh, boxed,
                     TrainState(step, params, opt_shapes),
                     TrainState(replicated, param_shardings, opt_shardings))
 
@@ -164,7 +162,7 @@ def build_experiment(config: ml_collections.ConfigDict,
 def init_state(exp: Experiment) -> TrainState:
   """Initialises the train state directly into its shardings."""
   def init(rng):
-    variables = exp.model.init(rng, _dummy_images(exp.config), train=False)
+    variables = exp.model.init(rng, *exp.task.dummy_inputs(exp.config), train=False)
     params = nn.unbox(variables["params"])
     return TrainState(jnp.zeros((), jnp.int32), params, exp.tx.init(params))
   init = jax.jit(init, out_shardings=exp.state_shardings)
@@ -174,43 +172,60 @@ def init_state(exp: Experiment) -> TrainState:
 # ----------------------------------------------------------------------------- steps
 def make_train_step(exp: Experiment, *, with_metrics: bool):
   """Jitted (state, batch) -> (state, scalars); the metrics variant also sows
-  intermediates and differentiates zero probes for per-token gradients."""
-  config, model, tx = exp.config, exp.model, exp.tx
+  intermediates and differentiates zero probes for per-token gradients.
+
+  With `config.metrics_batch_size` = n smaller than the batch, the statistics come from
+  a second forward/backward pass over the first n examples only (a cost cap); its loss
+  is normalised like the full batch's, so per-token gradients keep their scale.
+  """
+  config, model, tx, task = exp.config, exp.model, exp.tx, exp.task
   schedule = learning_rate_schedule(config)
   mixing_steps = config.sparsity.activation_mixing_steps
+  cap = config.metrics_batch_size
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    noise_rng, dropout_rng = jax.random.split(
+        jax.random.fold_in(jax.random.key(config.seed), state.step))
     mixing = mixing_coefficient(state.step, mixing_steps)
     apply = functools.partial(model.apply, train=True, mixing=mixing,
-                              rngs={"weight_noise": rng})
+                              rngs={"weight_noise": noise_rng, "dropout": dropout_rng})
 
-    def loss_fn(params, probes):
+    def loss_fn(params, probes, batch, scale=1.0):
       variables = {"params": params}
       if probes is not None:
         variables["perturbations"] = probes
-        logits, mutated = apply(variables, batch["image"], mutable=["intermediates"])
+        logits, mutated = apply(variables, *task.inputs(batch), mutable=["intermediates"])
       else:
-        logits, mutated = apply(variables, batch["image"]), {}
-      loss = jnp.mean(metrics.cross_entropy(logits, batch["label"]))
-      return loss, (logits, mutated)
+        logits, mutated = apply(variables, *task.inputs(batch)), {}
+      return task.loss(logits, batch) * scale, (logits, mutated)
 
-    probes = None
-    if with_metrics:
-      shapes = jax.eval_shape(lambda: apply({"params": state.params}, batch["image"],
+    def zero_probes(batch):
+      shapes = jax.eval_shape(lambda: apply({"params": state.params}, *task.inputs(batch),
                                             mutable=["perturbations"])[1])
-      probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+
+    full_batch = next(iter(batch.values())).shape[0]
+    sliced = with_metrics and 0 < cap < full_batch
+    probes = zero_probes(batch) if with_metrics and not sliced else None
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (loss, (logits, mutated)), (grads, probe_grads) = grad_fn(state.params, probes)
+    (loss, (logits, mutated)), (grads, probe_grads) = grad_fn(state.params, probes, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = {"loss": loss, "grad_norm": optax.global_norm(grads),
            "learning_rate": schedule(state.step)}
     if with_metrics:
-      out.update(metrics.classification_metrics(logits, batch["label"]))
-      out.update(metrics.activation_metrics(mutated["intermediates"]))
-      out.update(metrics.gradient_metrics(probe_grads))
-      out.update(metrics.parameter_metrics(params))
+      out.update(task.metrics(logits, batch))
+      observed = batch
+      if sliced:
+        observed = jax.tree.map(lambda x: x[:cap], batch)
+        scale = task.loss_normalizer(observed) / task.loss_normalizer(batch)
+        (_, (_, mutated)), probe_grads = jax.value_and_grad(
+            loss_fn, argnums=1, has_aux=True)(state.params, zero_probes(observed),
+                                              observed, scale)
+      masks = task.sparsity_masks(observed)
+      out.update(metrics.activation_metrics(mutated["intermediates"], masks))
+      out.update(metrics.gradient_metrics(probe_grads, masks))
+      out.update(metrics.parameter_metrics(params, stacks=task.stacks))
       out["activation_mixing"] = mixing
     return TrainState(state.step + 1, params, opt_state), out
 
@@ -222,15 +237,16 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
 
 def make_eval_step(exp: Experiment):
   """Jitted (params, step, batch) -> mask-weighted sums of eval metrics, and the weight."""
-  config, model = exp.config, exp.model
+  config, model, task = exp.config, exp.model, exp.task
 
   def step_fn(params, step, batch):
     mixing = mixing_coefficient(step, config.sparsity.activation_mixing_steps)
-    logits, mutated = model.apply({"params": params}, batch["image"], train=False,
+    logits, mutated = model.apply({"params": params}, *task.inputs(batch), train=False,
                                   mixing=mixing, mutable=["intermediates"])
     mask = batch["mask"]
-    out = metrics.classification_metrics(logits, batch["label"], mask)
-    out.update(metrics.activation_metrics(mutated["intermediates"], mask))
+    out = task.metrics(logits, batch, mask)
+    out.update(metrics.activation_metrics(mutated["intermediates"],
+                                          task.sparsity_masks(batch, mask)))
     weight = jnp.sum(mask)
     return jax.tree.map(lambda v: v * weight, out), weight
 
@@ -247,11 +263,12 @@ def global_batch(exp: Experiment, local: dict[str, np.ndarray]) -> dict[str, jax
 
 
 def evaluate(exp: Experiment, eval_step, params, step) -> dict[str, float]:
-  """Mask-weighted means of the eval metrics over the whole eval split."""
-  from sparse_jax.data import images  # pylint: disable=import-outside-toplevel
+  """Means of the eval metrics over the eval split, weighted by real examples per batch
+  (within a batch, token-level metrics are means over real tokens)."""
+  pipeline = tasks.data_pipeline(exp.task)
   totals, weight = None, 0.0
-  for local in images.eval_iterator(exp.config, process_index=jax.process_index(),
-                                    process_count=jax.process_count()):
+  for local in pipeline.eval_iterator(exp.config, process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
     sums, w = eval_step(params, step, global_batch(exp, local))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     weight = weight + w
@@ -342,6 +359,37 @@ def _writer(workdir: str):
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
 
 
+def _train_iterator(pipeline, config: ml_collections.ConfigDict, start_step: int,
+                    positions: np.ndarray | None):
+  """This process's train batches from `start_step`, resumed from the saved input
+  positions when the pipeline keeps any (text) and the process count is unchanged."""
+  kwargs = dict(start_step=start_step, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  if positions is not None:
+    if positions.shape[0] == jax.process_count():
+      kwargs["state"] = positions[jax.process_index()]
+    else:
+      log.warning("The checkpoint's input positions are for %d processes, not %d; "
+                  "re-reading the input up to step %d instead.", positions.shape[0],
+                  jax.process_count(), start_step)
+  return pipeline.train_iterator(config, **kwargs)
+
+
+def _data_positions(iterator) -> np.ndarray | None:
+  """The input positions of every process [processes, k] (a collective), or None for
+  pipelines that resume from the step alone."""
+  if not hasattr(iterator, "state"):
+    return None
+  local = np.asarray(iterator.state(), np.int64)
+  if jax.process_count() == 1:
+    return local[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  # JAX arrays are 32-bit here (no x64): gather the int64 positions as two halves.
+  halves = np.stack([local >> 31, local & (2**31 - 1)]).astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)
+  return (gathered[:, 0] << 31) | gathered[:, 1]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`, evaluates it, writes summary.json.
 
@@ -359,8 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log.info("Run in %s already finished at step %d; see %s.", workdir,
              config.num_steps, summary_path)
       return summary
-  from sparse_jax.data import images  # pylint: disable=import-outside-toplevel
-  images.prepare_dataset(config)
+  pipeline = tasks.data_pipeline(tasks.task_for(config))
+  pipeline.prepare_dataset(config)
   exp = build_experiment(config, mesh)
 
   workdir = os.path.abspath(workdir)
@@ -372,18 +420,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
   abstract = ckpt_lib.abstract_with_shardings(exp.state_shapes, exp.state_shardings)
+  positions = None
   if latest is not None:
     log.info("Resuming from checkpoint at step %d in %s.", latest, checkpointer.directory)
-    state = checkpointer.restore(abstract, latest)
+    state, positions = checkpointer.restore(abstract, latest)
   else:
     state = init_state(exp)
   start_step = int(jax.device_get(state.step))
   log.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
            f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
 
-  local_batches = images.train_iterator(config, start_step=start_step,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+  local_batches = _train_iterator(pipeline, config, start_step, positions)
   batches = (global_batch(exp, b) for b in local_batches)
   if start_step < config.num_steps:
     first = next(batches)
@@ -437,7 +484,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         interval_start, interval_steps = time.time(), 0
       if done % config.checkpoint_every == 0 or done == config.num_steps:
         check_finite(*pending)
-        checkpointer.save(done, state, force=done == config.num_steps)
+        checkpointer.save(done, state, data=_data_positions(local_batches),
+                          force=done == config.num_steps)
         last_good = done
       if done % config.eval_every == 0 or done == config.num_steps:
         eval_scalars = evaluate(exp, eval_step, state.params, state.step)
@@ -448,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if checkpointer.reached_preemption(done):
         if last_good != done:
           check_finite(*pending)
-          checkpointer.save(done, state, force=True)
+          checkpointer.save(done, state, data=_data_positions(local_batches), force=True)
         checkpointer.wait()
         log.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", done)
         return {}

@@ -1,24 +1,39 @@
 """Models built from sparse_jax.nn; `build_model(config)` picks one from the config."""
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
 from sparse_jax.errors import ConfigError
+from sparse_jax.models.t5 import T5, T5Config
 from sparse_jax.models.vit import VisionTransformer
 
-MODELS = ("vit",)
+MODELS = ("vit", "t5")
 
 
-def build_model(config: ml_collections.ConfigDict) -> VisionTransformer:
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   """The Linen module described by `config.model` and `config.sparsity`."""
   m, s = config.model, config.sparsity
-  if m.name != "vit":
-    raise ConfigError(f"Unknown model {m.name!r}.\nFix: set config.model.name to one of {MODELS}.")
   position = None if s.zeroth_bias_position == "none" else s.zeroth_bias_position
-  return VisionTransformer(
-      num_classes=config.num_classes, patch_size=m.patch_size, hidden_size=m.hidden_size,
-      num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-      image_size=config.image_size, activation=s.activation,
-      zeroth_bias_position=position,
-      # From scratch the restricted norm drops its bias; finetuning (uplift) keeps it frozen.
-      mlp_norm_bias=not (s.restricted_norm and s.norm_projection == "clamp"),
-      weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype))
+  if m.name == "vit":
+    return VisionTransformer(
+        num_classes=config.num_classes, patch_size=m.patch_size,
+        hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim, image_size=config.image_size, activation=s.activation,
+        zeroth_bias_position=position,
+        # From scratch the restricted norm drops its bias; finetuning (uplift) keeps it
+        # frozen.
+        mlp_norm_bias=not (s.restricted_norm and s.norm_projection == "clamp"),
+        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype))
+  if m.name == "t5":
+    # T5's RMS norm has no bias, so the restricted norm differs only by its projection.
+    return T5(T5Config(
+        vocab_size=m.vocab_size, d_model=m.d_model, num_heads=m.num_heads,
+        head_dim=m.head_dim, d_ff=m.d_ff, num_encoder_layers=m.num_encoder_layers,
+        num_decoder_layers=m.num_decoder_layers,
+        relative_attention_num_buckets=m.relative_attention_num_buckets,
+        relative_attention_max_distance=m.relative_attention_max_distance,
+        dropout_rate=m.dropout_rate, activation=s.activation,
+        zeroth_bias_position=position, max_len=m.max_len,
+        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype)))
+  raise ConfigError(f"Unknown model {m.name!r}.\nFix: set config.model.name to one of "
+                    f"{MODELS}.")

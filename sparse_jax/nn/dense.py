@@ -46,3 +46,10 @@ def layer_norm(name: str, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
       name=name, use_bias=use_bias, dtype=dtype, epsilon=epsilon,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+def rms_norm(name: str, *, dtype: Dtype = jnp.float32, epsilon: float = 1e-6) -> nn.RMSNorm:
+  """T5's layer norm: x / rms(x) * scale, no mean subtraction and no bias; scale on 'embed'."""
+  return nn.RMSNorm(
+      name=name, dtype=dtype, epsilon=epsilon,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)))

@@ -36,6 +36,8 @@ class SparseMlp(nn.Module):
     max_len: rows of the zeroth bias table (longest sequence the block accepts).
     weight_noise: rho of the per-token weight noise, per dense layer ('wi', 'wo').
     use_bias: whether the two dense layers have biases (T5 has none).
+    dropout_rate: dropout on the activations a (T5), after they are observed.
+    kernel_init: init of W1 (and of W2 unless `out_init` is given).
   """
   d_ff: int
   activation: ActivationName = "relu"
@@ -44,7 +46,9 @@ class SparseMlp(nn.Module):
   weight_noise: tuple[float, float] = (0.0, 0.0)
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
   kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+  out_init: nn.initializers.Initializer | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
@@ -71,8 +75,11 @@ class SparseMlp(nn.Module):
     a = apply_activation(self.activation, z, mixing)
     self.sow("intermediates", "z", z)
     self.sow("intermediates", "a", a)
+    if self.dropout_rate > 0:
+      a = nn.Dropout(self.dropout_rate)(a, deterministic=deterministic)
     y = NoisyDense(d_model, ("mlp", "embed"), use_bias=self.use_bias,
-                   weight_noise=self.weight_noise[1], kernel_init=self.kernel_init,
+                   weight_noise=self.weight_noise[1],
+                   kernel_init=self.out_init or self.kernel_init,
                    dtype=self.dtype, name="wo")(a, deterministic=deterministic)
     y = self.perturb("y", y)
     if self.zeroth_bias_position == "mlp_output":
