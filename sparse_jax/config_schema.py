@@ -95,7 +95,7 @@ def t5_config() -> ml_collections.ConfigDict:
       inputs_length=512, targets_length=114,  # Span corruption at 15% noise, mean span 3.
       noise_density=0.15, mean_noise_span_length=3.0,
       shuffle_window=10_000,             # Documents shuffled together.
-      eval_max_examples=0))              # 0 = the whole validation split.
+      eval_max_examples=10_240))         # Eval examples per evaluation (0 = all; embedded only).
   return c
 
 

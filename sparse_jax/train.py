@@ -501,6 +501,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", done)
         return {}
   finally:
+    if hasattr(local_batches, "close"):  # Stops the text pipeline's prefetch thread.
+      local_batches.close()
     writer.flush()
     checkpointer.wait()
 

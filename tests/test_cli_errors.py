@@ -116,3 +116,31 @@ def test_dry_run_counts_vit_b16(tmp_path):
   assert "total parameters: 86,567,656" in proc.stdout
   assert "== mesh ==" in proc.stdout and "block_11/mlp/wi/kernel" in proc.stdout
   assert "learning_rate: 0.003" in proc.stdout
+
+
+T5_CONFIG = os.path.join(REPO, "configs", "t5_c4.py")
+
+
+@pytest.mark.parametrize("extra, phrases", [
+    # The tiny config's vocabulary has 1,000 pieces + 100 sentinels -> 1,152 rows.
+    (["--config.model.vocab_size=1000"], ["--config.model.vocab_size=1152"]),
+    (["--config.text.vocabulary_path=/nonexistent/spm.model"], ["/nonexistent/spm.model"]),
+    (["--config.text.inputs_length=256"], ["longer than the zeroth bias table",
+                                           "--config.model.max_len=256"]),
+    (["--config.text.targets_length=20"], ["targets_length"]),
+    (["--config.model.d_model=0"], ["model.d_model=0 must be positive"]),
+])
+def test_bad_t5_input_fails_before_compiling(tmp_path, data_dir, extra, phrases):
+  workdir = tmp_path / "run"
+  proc = run_cli(f"--config={T5_CONFIG}:tiny", f"--workdir={workdir}",
+                 f"--config.data_dir={data_dir}", *extra)
+  _assert_clean_error(proc, *phrases)
+  assert "Compiled" not in proc.stderr
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_c4_that_is_not_prepared_fails_fast(tmp_path):
+  proc = run_cli(f"--config={T5_CONFIG}:base", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data_dir={tmp_path / 'empty_tfds'}", timeout=120)
+  _assert_clean_error(proc, "c4/en")
+  assert not (tmp_path / "run" / "checkpoints").exists()
