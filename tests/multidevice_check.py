@@ -1,7 +1,8 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_multidevice.py).
 
 Compares a sparsified ViT's train steps on 8 simulated devices (data parallel) with the
-same steps on 1 device, and checks the batch/mesh errors that depend on device count.
+same steps on 1 device, a sparsified T5's on 1 device and a (2, 2, 2) mesh (data, fsdp,
+tensor), and checks the batch/mesh errors that depend on device count.
 Prints one JSON line with the results.
 """
 import json
@@ -38,6 +39,36 @@ def losses(config, devices, steps=3):
   return out_losses, densities, float(gamma.min())
 
 
+def tiny_t5_config():
+  c = config_schema.apply_variant(config_schema.t5_config(), "sparsified")
+  c.model.update(dict(vocab_size=128, d_model=32, num_heads=4, head_dim=8, d_ff=64,
+                      num_encoder_layers=1, num_decoder_layers=1, max_len=16))
+  c.text.update(dict(inputs_length=16, targets_length=6))
+  c.batch_size = 16
+  c.metrics_batch_size = 8  # Statistics on a slice of the (sharded) batch.
+  c.optimizer.warmup_steps = 0
+  return c
+
+
+def t5_losses(config, devices, steps=3):
+  exp = train.build_experiment(config, sharding.make_mesh(config.mesh_shape, devices))
+  state = train.init_state(exp)
+  step_fn = train.make_train_step(exp, with_metrics=True)
+  rng = np.random.default_rng(0)
+  out_losses, densities = [], []
+  for _ in range(steps):
+    targets = rng.integers(1, 128, (16, 6)).astype(np.int32)
+    targets[:, -2:] = 0  # Padded targets carry no loss.
+    batch = {"encoder_input_tokens": rng.integers(1, 128, (16, 16)).astype(np.int32),
+             "decoder_target_tokens": targets,
+             "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+             "decoder_loss_weights": (targets > 0).astype(np.float32)}
+    state, out = step_fn(state, train.global_batch(exp, batch))
+    out_losses.append(float(out["loss"]))
+    densities.append(float(out["activation_density/decoder/mean"]))
+  return out_losses, densities
+
+
 def error_of(fn):
   try:
     fn()
@@ -53,12 +84,17 @@ def main():
   c = tiny_config()
   c.mesh_shape = (2, 2, 2)
   mixed = losses(c, jax.devices())
+  t5_one = t5_losses(tiny_t5_config(), jax.devices()[:1])
+  c = tiny_t5_config()
+  c.mesh_shape = (2, 2, 2)
+  t5_mixed = t5_losses(c, jax.devices())
   bad_batch = tiny_config()
   bad_batch.batch_size = 12
   bad_mesh = tiny_config()
   bad_mesh.mesh_shape = (4, 1, 1)
   print(json.dumps({
       "one": one, "eight": eight, "mesh_2_2_2": mixed,
+      "t5_one": t5_one, "t5_mesh_2_2_2": t5_mixed,
       "batch_error": error_of(lambda: train.check_batch_sizes(
           bad_batch, sharding.make_mesh(bad_batch.mesh_shape))),
       "mesh_error": error_of(lambda: sharding.make_mesh(bad_mesh.mesh_shape)),

@@ -1,4 +1,5 @@
-"""Data-parallel (and mixed) sharding on 8 simulated CPU devices gives the same loss."""
+"""Data-parallel (and mixed) sharding on 8 simulated CPU devices gives the same loss,
+for the ViT and the T5."""
 import json
 import os
 import subprocess
@@ -22,6 +23,10 @@ def test_eight_devices_match_one_device():
   np.testing.assert_allclose(mixed[0], one[0], rtol=2e-5)
   assert one[0][0] != one[0][-1]  # It trained: later losses differ from the first.
   assert one[2] >= 1.0 and eight[2] >= 1.0  # Restricted LN scales stayed >= 1.
+  t5_one, t5_mixed = result["t5_one"], result["t5_mesh_2_2_2"]
+  np.testing.assert_allclose(t5_mixed[0], t5_one[0], rtol=2e-5)
+  np.testing.assert_allclose(t5_mixed[1], t5_one[1], atol=1e-3)
+  assert t5_one[0][0] != t5_one[0][-1]
   assert "not divisible by the 8 data-parallel shards" in result["batch_error"]
   assert result["batch_error"].splitlines()[-1].startswith("Fix: pass --config.batch_size=8")
   assert "has 4 devices but 8 are present" in result["mesh_error"]

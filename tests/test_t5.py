@@ -179,3 +179,21 @@ def test_build_model_reads_the_t5_config():
   assert model.cfg.max_len == max(config.text.inputs_length, config.text.targets_length)
   vanilla = build_model(apply_variant(t5_c4.get_config("tiny"), "vanilla"))
   assert vanilla.cfg.activation == "relu" and vanilla.cfg.zeroth_bias_position is None
+
+
+def test_t5_config_validation_names_the_fix():
+  from configs import t5_c4
+  from sparse_jax import config_schema
+  from sparse_jax.errors import ConfigError
+  config = t5_c4.get_config("tiny")
+  config.model.d_model = 0
+  with pytest.raises(ConfigError, match="model.d_model=0 must be positive"):
+    config_schema.validate(config)
+  config = t5_c4.get_config("tiny")
+  config.text.inputs_length = 100
+  with pytest.raises(ConfigError, match="--config.model.max_len=100"):
+    config_schema.validate(config)
+  config.sparsity.zeroth_bias_position = "none"  # No table, no limit.
+  config_schema.validate(config)
+  with pytest.raises(ConfigError, match="'tiny' is repeated"):
+    t5_c4.get_config("tiny,tiny")
