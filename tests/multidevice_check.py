@@ -23,18 +23,28 @@ def tiny_config():
   return c
 
 
-def losses(config, devices, steps=3):
+def run_steps(config, devices, make_batch, density_key, steps=3):
+  """(losses, densities, final state) of `steps` metric steps on random batches."""
   exp = train.build_experiment(config, sharding.make_mesh(config.mesh_shape, devices))
   state = train.init_state(exp)
   step_fn = train.make_train_step(exp, with_metrics=True)
   rng = np.random.default_rng(0)
   out_losses, densities = [], []
   for _ in range(steps):
-    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-             "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]}
-    state, out = step_fn(state, train.global_batch(exp, batch))
+    state, out = step_fn(state, train.global_batch(exp, make_batch(rng)))
     out_losses.append(float(out["loss"]))
-    densities.append(float(out["activation_density/mean"]))
+    densities.append(float(out[density_key]))
+  return out_losses, densities, state
+
+
+def image_batch(rng):
+  return {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+          "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]}
+
+
+def losses(config, devices):
+  out_losses, densities, state = run_steps(config, devices, image_batch,
+                                           "activation_density/mean")
   gamma = np.asarray(jax.device_get(state.params["block_0"]["mlp_norm"]["scale"]))
   return out_losses, densities, float(gamma.min())
 
@@ -50,23 +60,17 @@ def tiny_t5_config():
   return c
 
 
-def t5_losses(config, devices, steps=3):
-  exp = train.build_experiment(config, sharding.make_mesh(config.mesh_shape, devices))
-  state = train.init_state(exp)
-  step_fn = train.make_train_step(exp, with_metrics=True)
-  rng = np.random.default_rng(0)
-  out_losses, densities = [], []
-  for _ in range(steps):
-    targets = rng.integers(1, 128, (16, 6)).astype(np.int32)
-    targets[:, -2:] = 0  # Padded targets carry no loss.
-    batch = {"encoder_input_tokens": rng.integers(1, 128, (16, 16)).astype(np.int32),
-             "decoder_target_tokens": targets,
-             "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
-             "decoder_loss_weights": (targets > 0).astype(np.float32)}
-    state, out = step_fn(state, train.global_batch(exp, batch))
-    out_losses.append(float(out["loss"]))
-    densities.append(float(out["activation_density/decoder/mean"]))
-  return out_losses, densities
+def t5_batch(rng):
+  targets = rng.integers(1, 128, (16, 6)).astype(np.int32)
+  targets[:, -2:] = 0  # Padded targets carry no loss.
+  return {"encoder_input_tokens": rng.integers(1, 128, (16, 16)).astype(np.int32),
+          "decoder_target_tokens": targets,
+          "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+          "decoder_loss_weights": (targets > 0).astype(np.float32)}
+
+
+def t5_losses(config, devices):
+  return run_steps(config, devices, t5_batch, "activation_density/decoder/mean")[:2]
 
 
 def error_of(fn):
