@@ -117,12 +117,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
 
 def parse_variant(arg: str | None, known: tuple[str, ...] = VARIANTS) -> str:
   """The one variant named by a config argument ('' = the first of `known`)."""
-  words = [w.strip() for w in (arg or "").split(",") if w.strip()] or [known[0]]
-  if len(words) != 1 or words[0] not in known:
-    raise ConfigError(f"Unknown config argument {arg!r}.\n"
-                      f"Fix: name one variant from {', '.join(known)}, "
-                      f"e.g. --config=configs/default.py:{known[-1]}.")
-  return words[0]
+  return parse_arguments(arg, {"variant": known})["variant"]
 
 
 def parse_arguments(arg: str | None, groups: dict[str, tuple[str, ...]]) -> dict[str, str]:

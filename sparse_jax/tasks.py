@@ -44,7 +44,8 @@ class ImageClassification:
               ) -> dict[str, jax.Array]:
     return metrics_lib.classification_metrics(logits, batch["label"], mask)
 
-  def sparsity_masks(self, batch: Batch, mask: jax.Array | None = None) -> metrics_lib.Masks:
+  def sparsity_masks(self, batch: Batch, mask: jax.Array | None = None
+                     ) -> metrics_lib.Masks:
     return mask
 
 
@@ -63,7 +64,9 @@ class SpanCorruption:
     return batch["encoder_input_tokens"], batch["decoder_input_tokens"]
 
   def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
-    return self.metrics(logits, batch)["loss"]
+    return metrics_lib.masked_mean(
+        metrics_lib.cross_entropy(logits, batch["decoder_target_tokens"]),
+        self._decoder_weights(batch, None))
 
   def loss_normalizer(self, batch: Batch) -> jax.Array:
     """What the loss is a mean over: target tokens."""
@@ -72,9 +75,10 @@ class SpanCorruption:
   def metrics(self, logits: jax.Array, batch: Batch, mask: jax.Array | None = None
               ) -> dict[str, jax.Array]:
     return metrics_lib.token_metrics(logits, batch["decoder_target_tokens"],
-                                 self._decoder_weights(batch, mask))
+                                     self._decoder_weights(batch, mask))
 
-  def sparsity_masks(self, batch: Batch, mask: jax.Array | None = None) -> metrics_lib.Masks:
+  def sparsity_masks(self, batch: Batch, mask: jax.Array | None = None
+                     ) -> metrics_lib.Masks:
     encoder = (batch["encoder_input_tokens"] > 0).astype(jnp.float32)
     if mask is not None:
       encoder = encoder * mask[:, None]
