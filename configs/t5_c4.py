@@ -11,14 +11,28 @@ sentinels; 32,128 embedding rows). Vanilla has exactly 222,903,552 parameters.
   python -m sparse_jax.main --config configs/t5_c4.py:base,sparsified \\
       --workdir gs://BUCKET/runs/t5_base_sparsified --config.data_dir=gs://BUCKET/tfds
 
+`finetune` (either size): finetuning for sparsity from the vanilla run's checkpoint,
+as officially: LoRA r = 192 (scaling 1/r, B = 0) on every dense kernel, training only
+LoRA and the norm scales and zeroth biases; ReLU mixed into J-SquaredReLU and the
+restricted norm uplifted over 3000 steps; 10k steps with 1000 warmup. `tiny,finetune`
+scales it to 300 steps (mixing and uplift over 100, r = 8) from the tiny vanilla run
+below (its workdir is the default checkpoint).
+
+  python -m sparse_jax.main --config configs/t5_c4.py:base,finetune \
+      --config.finetune.checkpoint=gs://BUCKET/runs/t5_base_vanilla \
+      --workdir gs://BUCKET/runs/t5_base_finetune --config.data_dir=gs://BUCKET/tfds
+  python -m sparse_jax.main --config configs/t5_c4.py:tiny,finetune --workdir /tmp/sparse_jax/t5_tiny_finetune
+
 `tiny`: the same code on the embedded Python Language Reference prose (tfds
 `python_reference_text`, no download) with a 1,000-piece SentencePiece vocabulary trained
 on it on first use: 2 + 2 layers of width 64 (4 heads, MLP 256), 64 input / 14 target
 tokens (70-token chunks), batch 32, 600 steps, warmup 60. About 4 minutes on 2 CPU cores.
 
-  python -m sparse_jax.main --config configs/t5_c4.py:tiny,vanilla --workdir /tmp/t5_tiny_vanilla
+  python -m sparse_jax.main --config configs/t5_c4.py:tiny,vanilla --workdir /tmp/sparse_jax/t5_tiny_vanilla
 """
 from sparse_jax.config_schema import VARIANTS, apply_variant, parse_arguments, t5_config
+
+TINY_VANILLA_WORKDIR = "/tmp/sparse_jax/t5_tiny_vanilla"
 
 
 def get_config(arg: str | None = None):
@@ -49,4 +63,16 @@ def get_config(arg: str | None = None):
     c.log_every = 100
     c.eval_every = 300
     c.checkpoint_every = 200
-  return apply_variant(c, args["variant"])
+  c = apply_variant(c, args["variant"])
+  if args["variant"] == "finetune":
+    tiny = args["size"] == "tiny"
+    c.finetune.update(dict(
+        checkpoint=TINY_VANILLA_WORKDIR if tiny else "", lora_rank=8 if tiny else 192,
+        lora_targets=r"kernel$", trainable=r"bias$|scale$"))
+    steps = 100 if tiny else 3000
+    c.sparsity.update(dict(activation_mixing_steps=steps, uplift_steps=steps))
+    c.optimizer.warmup_steps = 30 if tiny else 1000
+    c.num_steps = 300 if tiny else 10_000
+    c.eval_every = 150 if tiny else 5000
+    c.checkpoint_every = 150 if tiny else 5000
+  return c

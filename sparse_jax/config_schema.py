@@ -4,12 +4,14 @@ Experiment files in `configs/` start from `base_config()`, set what differs, and
 variant with `apply_variant`. The returned ConfigDict is locked, so a misspelled key on
 the command line (`--config.nonexistent_key=1`) is rejected instead of ignored.
 """
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
 from sparse_jax.errors import ConfigError
 
-VARIANTS = ("sparsified", "vanilla")
+VARIANTS = ("sparsified", "vanilla", "finetune")
 MODELS = ("vit", "t5")
 
 
@@ -33,6 +35,17 @@ def _common_config() -> ml_collections.ConfigDict:
       weight_noise=0.0,                  # rho of per-token weight noise (ViT: both MLP denses; T5: wi).
   ))
   c.sparsity.zeroth_bias_clipping = 0.1
+
+  # Finetuning for sparsity (variant 'finetune'): start from another run's checkpoint.
+  c.finetune = ml_collections.ConfigDict(dict(
+      checkpoint="",     # Workdir (local or gs://) of the run to start from; '' = from scratch.
+      checkpoint_step=-1,  # Its checkpoint to load (-1 = the latest).
+      lora_rank=0,       # r of LoRA on the kernels `lora_targets` matches (0 = no LoRA).
+      lora_targets="",   # Regex on '/'-joined kernel paths that get LoRA adapters.
+      # Regex on param paths that train besides the LoRA factors ('' with LoRA: only
+      # the factors; without LoRA every param trains).
+      trainable="",
+  ))
 
   c.data_dir = config_dict.placeholder(str)    # tfds data_dir (None = tfds default)
   c.batch_size = 32                  # Global train batch over all devices and hosts.
@@ -100,8 +113,10 @@ def t5_config() -> ml_collections.ConfigDict:
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Sets the sparsity switches for 'sparsified' (JSReLU + zeroth bias + restricted LN)
-  or 'vanilla' (plain ReLU MLP, ordinary LayerNorm)."""
+  """Sets the sparsity switches for 'sparsified' (JSReLU + zeroth bias + restricted LN),
+  'vanilla' (plain ReLU MLP, ordinary LayerNorm) or 'finetune' (from a vanilla
+  checkpoint: ReLU mixed into JSReLU, zeroth bias, restricted LN uplifted, LoRA; the
+  config sets the step counts, the rank and what trains)."""
   if variant not in VARIANTS:
     raise ConfigError(f"Unknown variant {variant!r}.\n"
                       f"Fix: use one of {', '.join(VARIANTS)}, e.g. "
@@ -110,6 +125,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
   s = c.sparsity
   if variant == "vanilla":
     s.activation, s.zeroth_bias_position, s.restricted_norm = "relu", "none", False
+  elif variant == "finetune":
+    s.activation, s.zeroth_bias_position, s.restricted_norm = "mixed", "mlp_output", True
+    s.norm_projection = "uplift"
   else:
     s.activation, s.zeroth_bias_position, s.restricted_norm = "jsrelu", "mlp_output", True
   return c
@@ -173,10 +191,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if s.weight_noise < 0:
     raise ConfigError(f"sparsity.weight_noise={s.weight_noise} must be >= 0.\n"
                       "Fix: pass --config.sparsity.weight_noise=0.1 (or 0 to disable).")
+  _validate_finetune(c)
   if not 0 <= o.warmup_steps < c.num_steps:
     raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, num_steps="
                       f"{c.num_steps}).\nFix: pass --config.optimizer.warmup_steps="
                       f"{min(max(o.warmup_steps, 0), c.num_steps // 10)}.")
+
+
+def _validate_finetune(c: ml_collections.ConfigDict) -> None:
+  f = c.finetune
+  if f.lora_rank < 0:
+    raise ConfigError(f"finetune.lora_rank={f.lora_rank} must be >= 0.\n"
+                      "Fix: pass --config.finetune.lora_rank=8 (0 = no LoRA).")
+  if f.lora_rank > 0 and not f.lora_targets:
+    raise ConfigError("finetune.lora_rank > 0 but finetune.lora_targets is empty, so no "
+                      "kernel would get an adapter.\nFix: pass e.g. "
+                      "--config.finetune.lora_targets='mlp/w[io]/kernel'.")
+  for key in ("lora_targets", "trainable"):
+    try:
+      re.compile(f[key])
+    except re.error as e:
+      raise ConfigError(f"finetune.{key}={f[key]!r} is not a valid regex ({e}).\n"
+                        f"Fix: pass a Python regex to --config.finetune.{key}.") from None
 
 
 def _validate_vit(c: ml_collections.ConfigDict) -> None:

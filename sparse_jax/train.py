@@ -21,13 +21,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
+from etils import epath
+from flax import struct, traverse_util
 
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import config_schema, metrics, sharding, tasks
+from sparse_jax import config_schema, finetune, metrics, sharding, tasks
 from sparse_jax.errors import ConfigError
 from sparse_jax.models import build_model
 from sparse_jax.ops.activations import mixing_coefficient
+from sparse_jax.transforms import lora
 from sparse_jax.transforms.projections import ProjectionRule, with_projections
 
 log = logging.getLogger("sparse_jax")
@@ -78,8 +80,9 @@ def _path_name(path) -> str:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Gradient clipping + AdamW (decay masked by `weight_decay_exclude`), wrapped with
-  the sparsity projections the config needs."""
+  """Gradient clipping + AdamW (decay masked by `weight_decay_exclude`), restricted to
+  the LoRA factors and `finetune.trainable` params when finetuning with either (the
+  rest frozen, without optimizer state), wrapped with the sparsity projections."""
   o = config.optimizer
   regex = re.compile(o.weight_decay_exclude) if o.weight_decay_exclude else None
 
@@ -100,6 +103,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         lambda path, _: _path_name(path).endswith("mlp_norm/bias"), params)
     chain.append(optax.masked(optax.set_to_zero(), frozen))
   tx = optax.chain(*chain)
+  f = config.finetune
+  if f.lora_rank > 0 or f.trainable:
+    tx = optax.multi_transform(
+        {"train": tx, "freeze": optax.set_to_zero()},
+        lambda params: lora.trainable_labels(params, f.trainable))
   rule = projection_rule(config)
   if rule is None:
     return tx
@@ -147,12 +155,17 @@ def build_experiment(config: ml_collections.ConfigDict,
   tx = make_optimizer(config)
   boxed = jax.eval_shape(lambda: model.init(
       jax.random.key(0), *task.dummy_inputs(config), train=False)["params"])
+  if config.finetune.lora_rank > 0:
+    boxed = finetune.boxed_with_adapters(config, boxed)
   param_shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
   params = nn.unbox(boxed)
   opt_shapes = jax.eval_shape(tx.init, params)
   replicated = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
-                                        transform_non_params=lambda _: replicated)
+  # Frozen params (finetuning) have MaskedNode placeholders instead of optimizer state.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda v, s: v if masked(v) else s, opt_shapes, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=masked)
   step = jax.ShapeDtypeStruct((), jnp.int32)
   return Experiment(config, task, model, tx, mesh, boxed,
                     TrainState(step, params, opt_shapes),
@@ -160,13 +173,26 @@ def build_experiment(config: ml_collections.ConfigDict,
 
 
 def init_state(exp: Experiment) -> TrainState:
-  """Initialises the train state directly into its shardings."""
-  def init(rng):
-    variables = exp.model.init(rng, *exp.task.dummy_inputs(exp.config), train=False)
+  """Initialises the train state directly into its shardings; when finetuning, the
+  source run's params replace their initial values and LoRA factors are added."""
+  config = exp.config
+  source = None
+  if finetune.enabled(config):
+    source = finetune.load_source_params(config, exp.state_shapes.params,
+                                         exp.state_shardings.params)
+  splits = (finetune.lora_splits(config, exp.boxed_params)
+            if config.finetune.lora_rank > 0 else {})
+
+  def init(rng, source):
+    variables = exp.model.init(rng, *exp.task.dummy_inputs(config), train=False)
     params = nn.unbox(variables["params"])
+    if source is not None:
+      params = traverse_util.unflatten_dict(traverse_util.flatten_dict(params) | source)
+    if splits:
+      params = finetune.add_adapters(config, params, splits, jax.random.fold_in(rng, 1))
     return TrainState(jnp.zeros((), jnp.int32), params, exp.tx.init(params))
   init = jax.jit(init, out_shardings=exp.state_shardings)
-  return init(jax.random.key(exp.config.seed))
+  return init(jax.random.key(config.seed), source)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -191,7 +217,7 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
                               rngs={"weight_noise": noise_rng, "dropout": dropout_rng})
 
     def loss_fn(params, probes, batch, scale=1.0):
-      variables = {"params": params}
+      variables = {"params": lora.merge(params)}
       if probes is not None:
         variables["perturbations"] = probes
         logits, mutated = apply(variables, *task.inputs(batch), mutable=["intermediates"])
@@ -200,7 +226,8 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
       return task.loss(logits, batch) * scale, (logits, mutated)
 
     def zero_probes(batch):
-      shapes = jax.eval_shape(lambda: apply({"params": state.params}, *task.inputs(batch),
+      shapes = jax.eval_shape(lambda: apply({"params": lora.merge(state.params)},
+                                            *task.inputs(batch),
                                             mutable=["perturbations"])[1])
       return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
 
@@ -241,8 +268,8 @@ def make_eval_step(exp: Experiment):
 
   def step_fn(params, step, batch):
     mixing = mixing_coefficient(step, config.sparsity.activation_mixing_steps)
-    logits, mutated = model.apply({"params": params}, *task.inputs(batch), train=False,
-                                  mixing=mixing, mutable=["intermediates"])
+    logits, mutated = model.apply({"params": lora.merge(params)}, *task.inputs(batch),
+                                  train=False, mixing=mixing, mutable=["intermediates"])
     mask = batch["mask"]
     out = task.metrics(logits, batch, mask)
     out.update(metrics.activation_metrics(mutated["intermediates"],
@@ -279,6 +306,13 @@ def evaluate(exp: Experiment, eval_step, params, step) -> dict[str, float]:
 # ----------------------------------------------------------------------------- workdir
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+BEFORE_FILE = "before_finetuning.json"  # Eval of the starting point of a finetune run.
+EXPORT_DIR = "export"                   # Plain (LoRA-merged) params of a finished run.
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """The workdir as a path: local ones made absolute, gs:// (any epath scheme) as is."""
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -298,9 +332,27 @@ def config_json(config: ml_collections.ConfigDict) -> str:
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Workdir must be creatable/writable and hold no run of a different config.
 
-  Touches nothing: the write probe is an unnamed temporary file that disappears.
+  Touches nothing: the write probe is an unnamed temporary file that disappears (local
+  workdirs; a gs:// bucket's permissions show at the first write).
   """
-  path = os.path.abspath(workdir)
+  path = workdir_path(workdir)
+  if "://" not in workdir:
+    _check_local_writable(str(path))
+  saved = path / CONFIG_FILE
+  if saved.exists():
+    old = _flatten(json.loads(saved.read_text()))
+    new = _flatten(json.loads(config_json(config)))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+      shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
+      raise ConfigError(
+          f"Workdir {path} holds a run of a different config ({shown}"
+          f"{'; ...' if len(diff) > 5 else ''}).\n"
+          "Fix: use a new --workdir, or rerun with the config saved in "
+          f"{saved} to resume that run.")
+
+
+def _check_local_writable(path: str) -> None:
   probe_dir = path
   while not os.path.exists(probe_dir):
     probe_dir = os.path.dirname(probe_dir)
@@ -313,26 +365,16 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   except OSError as e:
     raise ConfigError(f"Workdir {path} is not writable ({e.strerror} in {probe_dir}).\n"
                       f"{fix}") from None
-  saved = os.path.join(path, CONFIG_FILE)
-  if os.path.exists(saved):
-    with open(saved) as f:
-      old = _flatten(json.load(f))
-    new = _flatten(json.loads(config_json(config)))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:
-      shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
-      raise ConfigError(
-          f"Workdir {path} holds a run of a different config ({shown}"
-          f"{'; ...' if len(diff) > 5 else ''}).\n"
-          "Fix: use a new --workdir, or rerun with the config saved in "
-          f"{saved} to resume that run.")
 
 
-def _write_json_atomic(path: str, payload: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True, default=list)
-  os.replace(tmp, path)
+def _write_json_atomic(path: epath.Path, payload: Any) -> None:
+  tmp = path.parent / f"{path.name}.tmp"
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=list))
+  tmp.replace(path)
+
+
+def _read_json(path: epath.Path) -> Any:
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
@@ -341,6 +383,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.M
   mesh = sharding.make_mesh(config.mesh_shape)
   check_batch_sizes(config, mesh)
   check_workdir(workdir, config)
+  finetune.check_source(config)
   return mesh
 
 
@@ -399,10 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   start_time = time.time()
   mesh = preflight(config, workdir)
-  summary_path = os.path.join(os.path.abspath(workdir), SUMMARY_FILE)
-  if os.path.exists(summary_path):  # Finished (same config, checked above): no retraining.
-    with open(summary_path) as f:
-      summary = json.load(f)
+  root = workdir_path(workdir)
+  summary_path = root / SUMMARY_FILE
+  summary = _read_json(summary_path)
+  if summary is not None:  # Finished (same config, checked above): no retraining.
     if summary.get("step") == config.num_steps:
       log.info("Run in %s already finished at step %d; see %s.", workdir,
              config.num_steps, summary_path)
@@ -411,12 +454,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pipeline.prepare_dataset(config)
   exp = build_experiment(config, mesh)
 
-  workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    _write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config_json(config)))
-  checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
+  root.mkdir(parents=True, exist_ok=True)
+  if is_chief and not (root / CONFIG_FILE).exists():
+    _write_json_atomic(root / CONFIG_FILE, json.loads(config_json(config)))
+  checkpointer = ckpt_lib.Checkpointer(str(root), save_every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
   abstract = ckpt_lib.abstract_with_shardings(exp.state_shapes, exp.state_shardings)
@@ -427,6 +469,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = init_state(exp)
   start_step = int(jax.device_get(state.step))
+  eval_step = make_eval_step(exp)
+  before = _read_json(root / BEFORE_FILE)
+  if finetune.enabled(config) and latest is None:
+    # The starting point, evaluated by the finetune model itself (with the mixed
+    # activation at k = 0 that is exactly the source model).
+    before = evaluate(exp, eval_step, state.params, state.step)
+    log.info("Before finetuning (from %s): eval loss %.4f | accuracy %.4f | activation "
+             "density %.4f", config.finetune.checkpoint, before["loss"],
+             before["accuracy"], before.get("activation_density/mean", float("nan")))
+    if is_chief:
+      _write_json_atomic(root / BEFORE_FILE, before)
   log.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
            f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
 
@@ -440,8 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics_step = make_train_step(exp, with_metrics=True).lower(state, first).compile()
     log.info("Compiled the train steps in %.1f s.", time.time() - compile_start)
     batches = itertools.chain([first], batches)
-  eval_step = make_eval_step(exp)
-  writer = _writer(workdir)
+  writer = _writer(str(root))
   train_scalars: dict[str, float] = {}
   eval_scalars: dict[str, float] = {}
   last_good = latest
@@ -513,7 +565,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "wall_time_s": time.time() - start_time,
              **{f"eval/{k}": v for k, v in eval_scalars.items()},
              **{f"train/{k}": v for k, v in train_scalars.items()},
+             **{f"before_finetuning/eval/{k}": v for k, v in (before or {}).items()},
              "config": json.loads(config_json(config))}
+  if lora.has_adapters(state.params):
+    # LoRA merged back into plain weights: loadable by the model without sparse_jax.
+    export = root / EXPORT_DIR
+    ckpt_lib.export_params(export, jax.jit(lora.merge)(state.params))
+    summary["export_dir"] = str(export)
   if is_chief:
     _write_json_atomic(summary_path, summary)
   writer.close()
