@@ -112,20 +112,34 @@ def gradient_metrics(probe_grads: Mapping[str, Any],
 
 
 def parameter_metrics(params: Mapping[str, Any],
-                      zeroth_bias_path: tuple[str, ...] = ("mlp", "zeroth_bias"),
-                      norm_scale_path: tuple[str, ...] = ("mlp_norm", "scale"),
+                      zeroth_bias_path: tuple[str, ...] | str = ("mlp", "zeroth_bias"),
+                      norm_scale_path: tuple[str, ...] | str = ("mlp_norm", "scale"),
                       stacks: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
-  """Zeroth-bias mean |b| and pre-MLP norm mean |gamma| per layer (per stack if given)."""
+  """Zeroth-bias mean |b| and pre-MLP norm mean |gamma| per layer (per stack if given).
+
+  Paths are suffixes, or regexes as in `transforms.projections.ProjectionRule` (for
+  a model from `sparsify`: `r"(^|/)zeroth_bias$"` and a regex on the names of the MLP
+  block's sibling modules, e.g. `r"(?i)norm"`; the norms are then those feeding the
+  zeroth-biased MLPs).
+  """
   flat = traverse_util.flatten_dict(dict(params))
   masks = None if stacks is None else {s: None for s in stacks}
+  if isinstance(zeroth_bias_path, str) or isinstance(norm_scale_path, str):
+    # Imported here: projections pulls in optax, which suffix paths do not need.
+    from sparse_jax.transforms import projections  # pylint: disable=g-import-not-at-top
+    norms, pairs = projections.resolve(params, projections.ProjectionRule(
+        zeroth_bias_clipping=None, norm_projection=None,
+        zeroth_bias_path=zeroth_bias_path, norm_scale_path=norm_scale_path))
+    found = {"zeroth_bias_abs": [p for p, _ in pairs], "norm_scale_abs": norms}
+  else:
+    found = {name: [p for p in flat if p[-len(suffix):] == suffix] for name, suffix in
+             (("zeroth_bias_abs", zeroth_bias_path), ("norm_scale_abs", norm_scale_path))}
 
-  def per_layer(name, suffix):
-    paths = sorted((p for p in flat if p[-len(suffix):] == suffix), key=_natural_key)
-    blocks = [(p, flat[p]) for p in paths]
+  def per_layer(name):
+    blocks = [(p, flat[p]) for p in sorted(found[name], key=_natural_key)]
     return _per_layer(name, blocks, lambda v, _: jnp.mean(jnp.abs(v)), masks)
 
-  return {**per_layer("zeroth_bias_abs", zeroth_bias_path),
-          **per_layer("norm_scale_abs", norm_scale_path)}
+  return {**per_layer("zeroth_bias_abs"), **per_layer("norm_scale_abs")}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
