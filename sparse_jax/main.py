@@ -2,6 +2,11 @@
 
 Bad input (ConfigError) and divergence (NonFiniteLossError) end the program with a
 short message whose last line names the fix, no traceback, and exit code 1.
+
+Multi-host: run the same command on every host. On a Cloud TPU pod slice or in a
+SLURM / Open MPI job the processes find each other by themselves; elsewhere (a GPU
+cluster, several processes on one machine) pass --coordinator_address,
+--num_processes and --process_id (see sparse_jax/distributed.py).
 """
 import logging as std_logging
 import os
@@ -10,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sparse_jax import distributed
 from sparse_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,7 +29,24 @@ _CACHE_DIR = flags.DEFINE_string(
     "JAX persistent compilation cache, so reruns and resumes skip recompiling "
     "('' disables it).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print the "
-                             "config, mesh and parameter table, and exit.")
+                             "config, mesh, parameter table and the memory per device "
+                             "of a few meshes, and exit (never connects processes).")
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", None, "With --dry_run: size the meshes for this many devices "
+    "(e.g. 16 for a v4-32 or v5e-16 slice) instead of the devices here.", lower_bound=1)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0, where it "
+    "starts the coordinator (a free port; the same value on every process). Not needed "
+    "on Cloud TPU pods and in SLURM/Open MPI jobs, which are detected.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process runs: the number of processes (1 = a single "
+    "process; turns off auto-detection).", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process runs: this process's index, 0..num_processes-1 "
+    "(0 runs the coordinator).", lower_bound=0)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", distributed.DEFAULT_TIMEOUT_S, "Multi-process runs: "
+    "seconds to wait for the coordinator and all processes to connect.")
 
 
 def _fail(message: str) -> None:
@@ -45,24 +68,52 @@ def _show_progress() -> None:
   logging.set_verbosity(logging.WARNING)
 
 
+def _distributed_options() -> distributed.Options:
+  """The multi-process flags, checked (no JAX needed, so bad ones fail at once)."""
+  options = distributed.Options(coordinator_address=_COORDINATOR.value,
+                                num_processes=_NUM_PROCESSES.value,
+                                process_id=_PROCESS_ID.value,
+                                initialization_timeout=_INIT_TIMEOUT.value)
+  try:
+    distributed.check_options(options)
+  except ConfigError as e:
+    _fail(str(e))
+  if _DRY_RUN_DEVICES.value is not None and not _DRY_RUN.value:
+    _fail(f"--dry_run_devices={_DRY_RUN_DEVICES.value} given without --dry_run.\n"
+          "Fix: add --dry_run, or drop --dry_run_devices.")
+  return options
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}.\nFix: pass options as --name=value.")
   logging.set_verbosity(logging.WARNING)
+  options = _distributed_options()
   config = _load_config()
   if _CACHE_DIR.value:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if not _DRY_RUN.value:
+    if not _WORKDIR.value:
+      _fail("No --workdir given.\nFix: pass --workdir=/path/to/run_dir.")
+    _show_progress()
+    # Before anything starts a JAX backend: the processes must meet first.
+    try:
+      joined = distributed.initialize(options)
+    except ConfigError as e:
+      _fail(str(e))
+    if joined:
+      import jax  # pylint: disable=import-outside-toplevel
+      std_logging.getLogger("sparse_jax").info("Joined as %s.", joined)
+      if jax.process_index() > 0:  # One copy of the progress lines: process 0's.
+        std_logging.getLogger("sparse_jax").setLevel(std_logging.WARNING)
   # Imported here so that flag errors and --help do not pay for importing JAX.
   from sparse_jax import describe, train  # pylint: disable=import-outside-toplevel
   try:
     if _DRY_RUN.value:
-      print(describe.describe(config))
+      print(describe.describe(config, _DRY_RUN_DEVICES.value))
       return
-    if not _WORKDIR.value:
-      raise ConfigError("No --workdir given.\nFix: pass --workdir=/path/to/run_dir.")
-    _show_progress()
     train.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, train.NonFiniteLossError) as e:
     _fail(str(e))

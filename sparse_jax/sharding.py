@@ -1,8 +1,15 @@
 """Device mesh and logical-axis sharding rules.
 
 One mesh with axes ('data', 'fsdp', 'tensor'). Parameters carry logical axis names
-(`embed`, `mlp`, `heads`, `kv`, `vocab`, `classes`, `position`, ...) and the config's
-rules map them onto mesh axes; batches are split over ('data', 'fsdp').
+(`embed`, `mlp`, `heads`, `kv`, `vocab`, `classes`, `position`, ...) and the rules
+below map them onto mesh axes; batches are split over ('data', 'fsdp'). So 'data' is
+pure data parallelism (parameters replicated), 'fsdp' also shards every `embed`
+dimension of the parameters and optimizer state (ZeRO-3 style), and 'tensor' shards
+the `mlp`, `heads` and `vocab` dimensions (Megatron-style tensor parallelism).
+
+A parameter dimension that its mesh axes do not divide (12 heads over tensor=8) is
+kept whole along those axes (replicated there) instead of failing: XLA cannot shard
+an array unevenly through `jit`'s out_shardings.
 """
 from typing import Any, Sequence
 
@@ -77,7 +84,53 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-  """NamedShardings for a tree of (abstract) nn.Partitioned leaves; others replicated."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))
+def abstract_mesh(mesh_shape: Sequence[int]) -> jax.sharding.AbstractMesh:
+  """A ('data', 'fsdp', 'tensor') mesh of the given (resolved) sizes without devices,
+  for computing shardings and per-device shapes of meshes that are not here."""
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.sharding.AbstractMesh(tuple(int(s) for s in mesh_shape), MESH_AXES,
+                                   axis_types=auto)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], axis_sizes: dict[str, int]
+             ) -> PartitionSpec:
+  """`spec` with each dimension's mesh axes cut to the longest leading run whose size
+  product divides that dimension (the rest of it is replicated)."""
+  entries = []
+  for i, dim in enumerate(shape):
+    entry = spec[i] if i < len(spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept, size = [], 1
+    for axis in axes:
+      if dim % (size * axis_sizes[axis]):
+        break
+      kept.append(axis)
+      size *= axis_sizes[axis]
+    entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*entries)
+
+
+def logical_specs(boxed_tree: Any, axis_sizes: dict[str, int],
+                  rules: Sequence[tuple[str, Any]]) -> Any:
+  """Mesh PartitionSpecs for a tree of (abstract) nn.Partitioned leaves, fitted to the
+  leaf shapes (see fit_spec); other leaves replicated."""
+  rules = tuple(tuple(r) for r in rules)
+
+  def spec(leaf):
+    if not isinstance(leaf, nn.Partitioned):
+      return PartitionSpec()
+    names = nn.get_partition_spec(leaf)  # Logical names.
+    return fit_spec(nn.logical_to_mesh_axes(names, rules), leaf.value.shape, axis_sizes)
+
+  return jax.tree.map(spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh | jax.sharding.AbstractMesh,
+                      rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for a tree of (abstract) nn.Partitioned leaves; others replicated.
+
+  `mesh` may be abstract (see abstract_mesh): `--dry_run` sizes meshes that way.
+  """
+  specs = logical_specs(boxed_tree, dict(mesh.shape), rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -451,6 +451,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              config.num_steps, summary_path)
       return summary
   pipeline = tasks.data_pipeline(tasks.task_for(config))
+  if jax.process_count() > 1:
+    # Process 0 builds a missing local dataset alone; the others then only read it.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    if jax.process_index() == 0:
+      pipeline.prepare_dataset(config)
+    multihost_utils.sync_global_devices("sparse_jax: dataset prepared")
   pipeline.prepare_dataset(config)
   exp = build_experiment(config, mesh)
 
@@ -489,7 +495,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     first = next(batches)
     # Compile both step variants up front, so steps/s and the ETA measure training.
     compile_start = time.time()
-    plain_step = make_train_step(exp, with_metrics=False).lower(state, first).compile()
+    plain_step = None  # Not compiled when every remaining step logs (log_every=1).
+    if any((s + 1) % config.log_every for s in range(start_step, config.num_steps - 1)):
+      plain_step = make_train_step(exp, with_metrics=False).lower(state, first).compile()
     metrics_step = make_train_step(exp, with_metrics=True).lower(state, first).compile()
     log.info("Compiled the train steps in %.1f s.", time.time() - compile_start)
     batches = itertools.chain([first], batches)
