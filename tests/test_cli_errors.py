@@ -50,7 +50,7 @@ def test_unknown_variant(tmp_path):
 
 def test_batch_not_divisible_by_eight_devices(tmp_path):
   env = cli_env()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}",
                  "--config.batch_size=12", env=env)
   _assert_clean_error(proc, "batch_size=12 is not divisible by the 8 data-parallel")
