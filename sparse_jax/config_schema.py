@@ -112,6 +112,11 @@ def t5_config() -> ml_collections.ConfigDict:
   return c
 
 
+def defaults_for(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The schema's defaults for the kind of model `c` configures."""
+  return t5_config() if c.model.name == "t5" else base_config()
+
+
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """Sets the sparsity switches for 'sparsified' (JSReLU + zeroth bias + restricted LN),
   'vanilla' (plain ReLU MLP, ordinary LayerNorm) or 'finetune' (from a vanilla

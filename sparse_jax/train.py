@@ -342,7 +342,10 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if saved.exists():
     old = _flatten(json.loads(saved.read_text()))
     new = _flatten(json.loads(config_json(config)))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # Keys added to the schema after that run started are fine at their defaults.
+    defaults = _flatten(json.loads(config_json(config_schema.defaults_for(config))))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not (
+        k not in old and k in defaults and new.get(k) == defaults[k]))
     if diff:
       shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
       raise ConfigError(

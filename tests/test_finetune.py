@@ -259,3 +259,14 @@ def test_sigterm_checkpoints_then_finetune_with_lora_and_export(tmp_path, data_d
   assert "different architecture (model.hidden_size: 48 there, 32 here)" in wrong.stderr
   assert wrong.stderr.strip().splitlines()[-1].startswith("Fix:")
   assert not other.exists()
+
+
+def test_a_workdir_from_before_the_finetune_keys_still_resumes(tmp_path):
+  c = config_schema.apply_variant(config_schema.base_config(), "vanilla")
+  saved = json.loads(train.config_json(c))
+  del saved["finetune"]  # A run started before these keys existed.
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.check_workdir(str(tmp_path), c)  # New keys at their defaults: same config.
+  c.finetune.lora_rank = 3
+  with pytest.raises(ConfigError, match="finetune.lora_rank: None there, 3 now"):
+    train.check_workdir(str(tmp_path), c)
