@@ -71,6 +71,14 @@ def _common_config() -> ml_collections.ConfigDict:
 
   # Parallelism: mesh over ('data', 'fsdp', 'tensor'); -1 = all remaining devices.
   c.mesh_shape = (-1, 1, 1)
+
+  # How the MLP runs: 'xla' (plain jnp) or 'pallas' (block-sparse kernels that skip
+  # all-zero blocks of the activations, forward and backward; see sparse_jax/ops/mlp.py).
+  c.mlp_impl = "xla"
+  c.mlp_backend = "auto"  # 'auto' (platform; CPU interprets the TPU kernels) | 'tpu' | 'gpu'
+  # (tokens, units, features) tile of the kernels; None = the backend's default
+  # (TPU (128, 128, 256), GPU (64, 64, 128)). TPU tiles must be (8, 128)-aligned.
+  c.mlp_tiles = config_dict.placeholder(tuple)
   return c
 
 
@@ -181,6 +189,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("optimizer.schedule", o.schedule, ("cosine", "constant", "inverse_sqrt"))
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
   _choice("model.name", m.name, MODELS)
+  _validate_mlp_kernel(c)
   if m.name == "vit":
     _validate_vit(c)
   else:
@@ -201,6 +210,31 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, num_steps="
                       f"{c.num_steps}).\nFix: pass --config.optimizer.warmup_steps="
                       f"{min(max(o.warmup_steps, 0), c.num_steps // 10)}.")
+
+
+def _validate_mlp_kernel(c: ml_collections.ConfigDict) -> None:
+  _choice("mlp_impl", c.mlp_impl, ("xla", "pallas"))
+  _choice("mlp_backend", c.mlp_backend, ("auto", "tpu", "gpu"))
+  tiles = c.mlp_tiles
+  if tiles is None:
+    return
+  if len(tiles) != 3 or any(not isinstance(t, int) or t <= 0 for t in tiles):
+    raise ConfigError(f"config.mlp_tiles={tiles!r} must be three positive integers "
+                      "(tokens, units, features).
+Fix: pass e.g. "
+                      "--config.mlp_tiles='(128, 128, 256)' or leave it unset.")
+  tpu = c.mlp_backend == "tpu" or (c.mlp_backend == "auto" and
+                                   c.mlp_impl == "pallas" and _on_tpu())
+  if tpu and (tiles[0] % 8 or tiles[1] % 128 or tiles[2] % 128):
+    raise ConfigError(f"config.mlp_tiles={tiles!r} is not (8, 128)-aligned, which TPU "
+                      "kernels need (tokens % 8, units % 128, features % 128).
+Fix: pass "
+                      "e.g. --config.mlp_tiles='(128, 128, 256)'.")
+
+
+def _on_tpu() -> bool:
+  import jax  # Deferred: validating a config should not start a backend otherwise.
+  return jax.default_backend() == "tpu"
 
 
 def _validate_finetune(c: ml_collections.ConfigDict) -> None:

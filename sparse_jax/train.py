@@ -151,7 +151,7 @@ def build_experiment(config: ml_collections.ConfigDict,
   config_schema.validate(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
   task = tasks.task_for(config)
-  model = build_model(config)
+  model = build_model(config, mesh)
   tx = make_optimizer(config)
   boxed = jax.eval_shape(lambda: model.init(
       jax.random.key(0), *task.dummy_inputs(config), train=False)["params"])

@@ -1,18 +1,25 @@
 """Models built from sparse_jax.nn; `build_model(config)` picks one from the config."""
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from sparse_jax.errors import ConfigError
 from sparse_jax.models.t5 import T5, T5Config
 from sparse_jax.models.vit import VisionTransformer
+from sparse_jax.ops.mlp import MlpKernel
 
 MODELS = ("vit", "t5")
 
 
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The Linen module described by `config.model` and `config.sparsity`."""
+def build_model(config: ml_collections.ConfigDict,
+                mesh: jax.sharding.Mesh | None = None) -> nn.Module:
+  """The Linen module described by `config.model`, `config.sparsity` and `config.mlp_*`.
+
+  `mesh`: the mesh the model runs on; the Pallas MLP kernels run per shard of it.
+  """
   m, s = config.model, config.sparsity
+  kernel = mlp_kernel(config, mesh)
   position = None if s.zeroth_bias_position == "none" else s.zeroth_bias_position
   if m.name == "vit":
     return VisionTransformer(
@@ -23,7 +30,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         # From scratch the restricted norm drops its bias; finetuning (uplift) keeps it
         # frozen.
         mlp_norm_bias=not (s.restricted_norm and s.norm_projection == "clamp"),
-        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype))
+        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel)
   if m.name == "t5":
     # T5's RMS norm has no bias, so the restricted norm differs only by its projection.
     return T5(T5Config(
@@ -34,6 +41,16 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         relative_attention_max_distance=m.relative_attention_max_distance,
         dropout_rate=m.dropout_rate, activation=s.activation,
         zeroth_bias_position=position, max_len=m.max_len,
-        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype)))
+        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel))
   raise ConfigError(f"Unknown model {m.name!r}.\nFix: set config.model.name to one of "
                     f"{MODELS}.")
+
+
+def mlp_kernel(config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh | None = None) -> MlpKernel:
+  """`config.mlp_impl`, `mlp_backend` and `mlp_tiles` as the MLP op's static settings."""
+  tiles = config.get("mlp_tiles")
+  return MlpKernel(impl=config.get("mlp_impl", "xla"),
+                   backend=config.get("mlp_backend", "auto"),
+                   tiles=None if tiles is None else tuple(int(t) for t in tiles),
+                   mesh=mesh if mesh is not None and mesh.size > 1 else None)

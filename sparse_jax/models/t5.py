@@ -31,6 +31,7 @@ import numpy as np
 from sparse_jax.nn.attention import MultiHeadAttention
 from sparse_jax.nn.dense import rms_norm
 from sparse_jax.nn.sparse_mlp import SparseMlp, ZerothBiasPosition
+from sparse_jax.ops.mlp import MlpKernel
 from sparse_jax.ops.activations import ActivationName
 
 Dtype = Any
@@ -100,6 +101,7 @@ class T5Config:
   max_len: int = 512  # Rows of each zeroth bias table: the longest input or target.
   weight_noise: float = 0.0  # rho of per-token weight noise on the first MLP dense (wi).
   dtype: Dtype = jnp.float32
+  mlp_kernel: MlpKernel = MlpKernel()  # How the MLP op runs ('xla' | 'pallas', tiles).
 
 
 def _attention(cfg: T5Config, name: str) -> MultiHeadAttention:
@@ -119,7 +121,8 @@ def _mlp(cfg: T5Config) -> SparseMlp:
       (cfg.weight_noise, 0.0), use_bias=False, dtype=cfg.dtype,
       dropout_rate=cfg.dropout_rate,
       kernel_init=nn.initializers.normal(cfg.d_model ** -0.5),
-      out_init=nn.initializers.normal(cfg.d_ff ** -0.5), name="mlp")
+      out_init=nn.initializers.normal(cfg.d_ff ** -0.5), mlp_kernel=cfg.mlp_kernel,
+      name="mlp")
 
 
 def _position_bias(cfg: T5Config, bidirectional: bool) -> RelativePositionBias:

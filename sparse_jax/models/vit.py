@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from sparse_jax.nn.attention import MultiHeadAttention
 from sparse_jax.nn.dense import NoisyDense, layer_norm
 from sparse_jax.nn.sparse_mlp import SparseMlp, ZerothBiasPosition
+from sparse_jax.ops.mlp import MlpKernel
 from sparse_jax.ops.activations import ActivationName
 
 Dtype = Any
@@ -29,6 +30,7 @@ class EncoderBlock(nn.Module):
   max_len: int
   weight_noise: float
   dtype: Dtype
+  mlp_kernel: MlpKernel = MlpKernel()
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool, mixing):
@@ -41,8 +43,8 @@ class EncoderBlock(nn.Module):
     h = layer_norm("mlp_norm", use_bias=self.mlp_norm_bias, dtype=self.dtype)(x)
     return x + SparseMlp(self.mlp_dim, self.activation, self.zeroth_bias_position,
                          self.max_len, (self.weight_noise, self.weight_noise),
-                         dtype=self.dtype, name="mlp")(h, deterministic=deterministic,
-                                                       mixing=mixing)
+                         dtype=self.dtype, mlp_kernel=self.mlp_kernel,
+                         name="mlp")(h, deterministic=deterministic, mixing=mixing)
 
 
 class VisionTransformer(nn.Module):
@@ -59,6 +61,7 @@ class VisionTransformer(nn.Module):
   mlp_norm_bias: bool = True
   weight_noise: float = 0.0
   dtype: Dtype = jnp.float32
+  mlp_kernel: MlpKernel = MlpKernel()  # How the MLP op runs ('xla' | 'pallas', tiles).
 
   @property
   def num_tokens(self) -> int:
@@ -91,7 +94,8 @@ class VisionTransformer(nn.Module):
     for i in range(self.num_layers):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.activation,
                        self.zeroth_bias_position, self.mlp_norm_bias, self.num_tokens,
-                       self.weight_noise, self.dtype, name=f"block_{i}")(
+                       self.weight_noise, self.dtype, self.mlp_kernel,
+                       name=f"block_{i}")(
                            x, deterministic=not train, mixing=mixing)
     x = layer_norm("encoder_norm", dtype=self.dtype)(x)
     # Zero-initialised head, as in big_vision: every class starts equally likely.

@@ -11,6 +11,35 @@ Dtype = Any
 WEIGHT_NOISE_RNG = "weight_noise"
 
 
+class DenseParams(nn.Module):
+  """The kernel [in, out] and bias [out] (or None) of a dense layer, with logical axes.
+
+  For ops that take the weights as arrays (the fused MLP op) while keeping the param
+  names and init of `NoisyDense` (`<name>/kernel`, `<name>/bias`).
+  """
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+    return dense_params(self, in_features)
+
+
+def dense_params(module, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+  """Creates (or reads) `kernel` and `bias` in `module`'s scope from its attributes
+  `features`, `axes`, `use_bias` and `kernel_init`."""
+  kernel = module.param("kernel", nn.with_logical_partitioning(module.kernel_init,
+                                                               module.axes),
+                        (in_features, module.features), jnp.float32)
+  bias = None
+  if module.use_bias:
+    bias = module.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), module.axes[-1:]), (module.features,), jnp.float32)
+  return kernel, bias
+
+
 class NoisyDense(nn.Module):
   """y = x W + b with logical axes (in_axis, out_axis) and optional weight noise.
 
@@ -26,12 +55,9 @@ class NoisyDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                        (x.shape[-1], self.features), jnp.float32)
+    kernel, bias = dense_params(self, x.shape[-1])
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), self.axes[-1:]), (self.features,), jnp.float32)
+    if bias is not None:
       y = y + bias.astype(self.dtype)
     if self.weight_noise > 0 and not deterministic and self.has_rng(WEIGHT_NOISE_RNG):
       y = weight_noise.dense_output_noise(y, x, kernel, self.weight_noise,

@@ -18,7 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.nn.dense import NoisyDense
+from sparse_jax.nn.dense import WEIGHT_NOISE_RNG, DenseParams
+from sparse_jax.ops import mlp as mlp_op
+from sparse_jax.ops import weight_noise
 from sparse_jax.ops.activations import ActivationName, apply_activation
 
 Dtype = Any
@@ -38,6 +40,7 @@ class SparseMlp(nn.Module):
     use_bias: whether the two dense layers have biases (T5 has none).
     dropout_rate: dropout on the activations a (T5), after they are observed.
     kernel_init: init of W1 (and of W2 unless `out_init` is given).
+    mlp_kernel: how the fused MLP op runs (`impl` 'xla' | 'pallas', tiles, mesh).
   """
   d_ff: int
   activation: ActivationName = "relu"
@@ -49,6 +52,7 @@ class SparseMlp(nn.Module):
   dropout_rate: float = 0.0
   kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
   out_init: nn.initializers.Initializer | None = None
+  mlp_kernel: mlp_op.MlpKernel = mlp_op.MlpKernel()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
@@ -68,20 +72,58 @@ class SparseMlp(nn.Module):
           (self.max_len, d_model), jnp.float32)[:length].astype(self.dtype)
     if self.zeroth_bias_position == "mlp_input":
       x = x + zeroth_bias
-    z = NoisyDense(self.d_ff, ("embed", "mlp"), use_bias=self.use_bias,
-                   weight_noise=self.weight_noise[0], kernel_init=self.kernel_init,
-                   dtype=self.dtype, name="wi")(x, deterministic=deterministic)
-    z = self.perturb("z", z)
-    a = apply_activation(self.activation, z, mixing)
-    self.sow("intermediates", "z", z)
-    self.sow("intermediates", "a", a)
-    if self.dropout_rate > 0:
-      a = nn.Dropout(self.dropout_rate)(a, deterministic=deterministic)
-    y = NoisyDense(d_model, ("mlp", "embed"), use_bias=self.use_bias,
-                   weight_noise=self.weight_noise[1],
-                   kernel_init=self.out_init or self.kernel_init,
-                   dtype=self.dtype, name="wo")(a, deterministic=deterministic)
+    x = x.astype(self.dtype)
+    w1, b1 = DenseParams(self.d_ff, ("embed", "mlp"), self.use_bias, self.kernel_init,
+                         name="wi")(d_model)
+    w2, b2 = DenseParams(d_model, ("mlp", "embed"), self.use_bias,
+                         self.out_init or self.kernel_init, name="wo")(self.d_ff)
+    hidden_shape = x.shape[:-1] + (self.d_ff,)
+    z_offset = self._z_offset(x, w1, hidden_shape, deterministic)
+    wo_noise = self._noise_rng(self.weight_noise[1], deterministic)
+    if self.is_mutable_collection("intermediates") or wo_noise is not None:
+      # Observed values: recomputed outside the fused op (XLA merges the duplicate
+      # x W1 when the op is the jnp one). Dropout comes after observation.
+      z = jax.lax.stop_gradient(_pre_activation(x, w1, b1, z_offset, self.dtype))
+      a = apply_activation(self.activation, z, mixing)
+      self.sow("intermediates", "z", z)
+      self.sow("intermediates", "a", a)
+    keep = None
+    if self.dropout_rate > 0 and not deterministic:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,
+                                  hidden_shape)
+    cast = lambda p: None if p is None else p.astype(self.dtype)
+    y = mlp_op.mlp(x, cast(w1), cast(b1), cast(w2), cast(b2), activation=self.activation,
+                   mixing=mixing, z_offset=z_offset, dropout_keep=keep,
+                   dropout_rate=self.dropout_rate, kernel=self.mlp_kernel)
+    if wo_noise is not None:
+      if keep is not None:  # W2 sees the dropped, rescaled activations.
+        a = jnp.where(keep, a / (1.0 - self.dropout_rate), jnp.zeros_like(a))
+      y = weight_noise.dense_output_noise(y, a, w2, self.weight_noise[1], wo_noise)
     y = self.perturb("y", y)
     if self.zeroth_bias_position == "mlp_output":
       y = y + zeroth_bias
     return y
+
+  def _noise_rng(self, rho: float, deterministic: bool) -> jax.Array | None:
+    if rho > 0 and not deterministic and self.has_rng(WEIGHT_NOISE_RNG):
+      return self.make_rng(WEIGHT_NOISE_RNG)
+    return None
+
+  def _z_offset(self, x, w1, hidden_shape, deterministic) -> jax.Array | None:
+    """The z probe (dL/dz for metrics) plus W1's weight noise, or None when neither."""
+    offset = None
+    if self.is_initializing() or self.has_variable("perturbations", "z"):
+      offset = self.perturb("z", jnp.zeros(hidden_shape, self.dtype))
+    rng = self._noise_rng(self.weight_noise[0], deterministic)
+    if rng is not None:
+      noise = weight_noise.dense_output_noise(jnp.zeros(hidden_shape, self.dtype), x, w1,
+                                              self.weight_noise[0], rng)
+      offset = noise if offset is None else offset + noise
+    return offset
+
+
+def _pre_activation(x, w1, b1, z_offset, dtype):
+  z = jnp.dot(x, w1.astype(dtype))
+  if b1 is not None:
+    z = z + b1.astype(dtype)
+  return z if z_offset is None else z + z_offset

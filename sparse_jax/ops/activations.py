@@ -54,3 +54,19 @@ def apply_activation(name: ActivationName, z: jax.Array,
   if name == "mixed":
     return mixed_activation(z, k)
   raise ValueError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.")
+
+
+def activation_derivative(name: ActivationName, z: jax.Array,
+                          k: jax.Array | float = 1.0) -> jax.Array:
+  """f'(z) as autodiff of `apply_activation` gives it (the ties at 0 included)."""
+  one, zero = jnp.ones_like(z), jnp.zeros_like(z)
+  relu_grad = jnp.where(z > 0, one, zero)
+  jsrelu_grad = jnp.where(z >= 0, z + 1, zero)
+  if name == "relu":
+    return relu_grad
+  if name == "jsrelu":
+    return jsrelu_grad
+  if name == "mixed":
+    k = jnp.asarray(k, z.dtype)
+    return (1 - k) * relu_grad + k * jsrelu_grad
+  raise ValueError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.")
