@@ -220,15 +220,13 @@ def _validate_mlp_kernel(c: ml_collections.ConfigDict) -> None:
     return
   if len(tiles) != 3 or any(not isinstance(t, int) or t <= 0 for t in tiles):
     raise ConfigError(f"config.mlp_tiles={tiles!r} must be three positive integers "
-                      "(tokens, units, features).
-Fix: pass e.g. "
+                      "(tokens, units, features).\nFix: pass e.g. "
                       "--config.mlp_tiles='(128, 128, 256)' or leave it unset.")
   tpu = c.mlp_backend == "tpu" or (c.mlp_backend == "auto" and
                                    c.mlp_impl == "pallas" and _on_tpu())
   if tpu and (tiles[0] % 8 or tiles[1] % 128 or tiles[2] % 128):
     raise ConfigError(f"config.mlp_tiles={tiles!r} is not (8, 128)-aligned, which TPU "
-                      "kernels need (tokens % 8, units % 128, features % 128).
-Fix: pass "
+                      "kernels need (tokens % 8, units % 128, features % 128).\nFix: pass "
                       "e.g. --config.mlp_tiles='(128, 128, 256)'.")
 
 

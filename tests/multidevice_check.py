@@ -100,6 +100,10 @@ def main():
     c.mesh_shape = shape
     meshes["mesh_" + "_".join(map(str, shape))] = losses(c, jax.devices(),
                                                          with_metrics=False)
+  # The Pallas MLP kernels (interpreted) per shard under shard_map, FSDP + tensor.
+  c = tiny_config()
+  c.mesh_shape, c.mlp_impl, c.mlp_tiles = (2, 2, 2), "pallas", (8, 128, 128)
+  meshes["pallas_mesh_2_2_2"] = losses(c, jax.devices(), with_metrics=False)
   t5_one = t5_losses(tiny_t5_config(), jax.devices()[:1])
   c = tiny_t5_config()
   c.mesh_shape = (2, 2, 2)

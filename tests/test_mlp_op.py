@@ -166,3 +166,54 @@ def test_bad_kernel_settings_are_named():
   with pytest.raises(ValueError, match=r"\(8, 128\)-aligned"):
     mlp(x, w1, None, w2, None, activation="relu",
         kernel=MlpKernel(impl="pallas", backend="tpu", tiles=(8, 100, 128)))
+
+
+@pytest.mark.parametrize("model", ["vit", "t5"])
+def test_training_steps_with_pallas_equal_xla(model):
+  """A few train steps (the metrics step: probes, sown activations, densities) with
+  mlp_impl='pallas' give the losses, densities and params of mlp_impl='xla'. The T5
+  trains with dropout, whose mask the kernels fold in."""
+  import multidevice_check as md  # Tiny configs and batches shared with that check.
+
+  def run(impl):
+    if model == "vit":
+      config, batch, key = md.tiny_config(), md.image_batch, "activation_density/mean"
+    else:
+      config, batch, key = (md.tiny_t5_config(), md.t5_batch,
+                            "activation_density/decoder/mean")
+      config.model.dropout_rate = 0.1
+    config.mlp_impl, config.mlp_tiles = impl, TILES
+    losses, densities, state = md.run_steps(config, jax.devices()[:1], batch, key)
+    return losses, densities, state.params
+
+  losses, densities, params = run("pallas")
+  ref_losses, ref_densities, ref_params = run("xla")
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  np.testing.assert_allclose(densities, ref_densities, atol=1e-6)
+  assert losses[0] != losses[-1]
+  # Adam turns float-rounding differences of near-zero gradients (e.g. of attention's
+  # key bias, to which softmax is invariant) into lr-sized steps: params agree to the
+  # learning rate's scale, the losses above to float rounding.
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
+                               jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=5e-4,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("backend,platform", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_kernels_lower_for_their_hardware(backend, platform):
+  """At ViT-B/16 / T5-Base MLP size in bfloat16 with the backend's default tiles, the
+  forward and backward lower for the real hardware (Mosaic TPU with scalar prefetch;
+  Triton), not just the interpreter: five kernels, one per skipping matmul. No TPU or
+  GPU is needed to lower; running them needs one (benchmarks/mlp_kernel.py)."""
+  kernel = MlpKernel(impl="pallas", backend=backend, interpret=False)
+
+  def loss(x, w1, b1, w2, b2):
+    return jnp.sum(mlp(x, w1, b1, w2, b2, activation="mixed", mixing=0.5, kernel=kernel))
+
+  shapes = ((256, 768), (768, 3072), (3072,), (3072, 768), (768,))
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+  text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(*args).lower(
+      lowering_platforms=(platform,)).as_text()
+  target = {"tpu": "@tpu_custom_call", "gpu": "@__gpu$xla.gpu.triton"}[backend]
+  assert text.count("custom_call " + target) == 5, text.count(target)

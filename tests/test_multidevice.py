@@ -1,5 +1,6 @@
 """Data-parallel, FSDP and tensor-parallel meshes on 8 simulated CPU devices give the
-same loss as one device, for the ViT and the T5."""
+same loss as one device, for the ViT and the T5; so does the ViT whose MLPs run the
+Pallas kernels per shard (mlp_impl='pallas', interpreted) on the (2, 2, 2) mesh."""
 import json
 import os
 import subprocess
@@ -26,7 +27,8 @@ def test_eight_devices_match_one_device():
   # The [32, 64] MLP kernel: whole on 1 device and under data parallelism, split over
   # fsdp (rows) and tensor (columns) on the other meshes.
   assert one[3] == eight[3] == [32, 64]
-  for mesh, shard in (("mesh_2_4_1", [8, 64]), ("mesh_2_2_2", [16, 32])):
+  for mesh, shard in (("mesh_2_4_1", [8, 64]), ("mesh_2_2_2", [16, 32]),
+                      ("pallas_mesh_2_2_2", [16, 32])):
     np.testing.assert_allclose(result[mesh][0], one[0], rtol=2e-5, err_msg=mesh)
     assert result[mesh][2] >= 1.0  # Restricted LN scales stayed >= 1 under sharding.
     assert result[mesh][3] == shard, (mesh, result[mesh][3])

@@ -8,10 +8,13 @@ block only under `lax.cond` when it is nonzero: zero blocks cost one mask read.
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from sparse_jax.kernels.tiles import HiddenMap, Tiles
 
 _F32 = jnp.float32
+# Selects the Triton backend (Mosaic GPU would stage whole-row blocks in shared memory).
+_TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _whole(shape):
@@ -59,7 +62,7 @@ def row_sparse_matmul(lhs, rhs, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
                 pl.BlockSpec((bm, kdim), lambda i, j: (i, 0)), rhs_spec],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      interpret=interpret, name="row_sparse_matmul",
+      compiler_params=_TRITON, interpret=interpret, name="row_sparse_matmul",
   )(flags, mixing, lhs, rhs)
 
 
@@ -91,7 +94,7 @@ def col_sparse_matmul(lhs, rhs, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
                 pl.BlockSpec((m, bn), lambda k, j: (0, j))],
       out_specs=pl.BlockSpec((bk, bn), lambda k, j: (k, j)),
       out_shape=jax.ShapeDtypeStruct((kdim, n), out_dtype),
-      interpret=interpret, name="col_sparse_matmul",
+      compiler_params=_TRITON, interpret=interpret, name="col_sparse_matmul",
   )(flags, mixing, lhs, rhs)
 
 
@@ -127,5 +130,5 @@ def masked_grad_matmul(z, dy, w2, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
                 pl.BlockSpec((bk, n), lambda i, k: (k, 0))],
       out_specs=pl.BlockSpec((bm, bk), lambda i, k: (i, k)),
       out_shape=jax.ShapeDtypeStruct((m, kdim), out_dtype),
-      interpret=interpret, name="masked_grad_matmul",
+      compiler_params=_TRITON, interpret=interpret, name="masked_grad_matmul",
   )(flags, mixing, z, dy, w2)
