@@ -170,17 +170,18 @@ def test_bad_kernel_settings_are_named():
 
 @pytest.mark.parametrize("model", ["vit", "t5"])
 def test_training_steps_with_pallas_equal_xla(model):
-  """A few train steps (the metrics step: probes, sown activations, densities) with
-  mlp_impl='pallas' give the losses, densities and params of mlp_impl='xla'. The T5
+  """A few train steps (the metrics step: probes, sown activations) with
+  mlp_impl='pallas' give the losses, gradient sparsities (from the dL/dz probes) and
+  params of mlp_impl='xla'. The T5
   trains with dropout, whose mask the kernels fold in."""
   import multidevice_check as md  # Tiny configs and batches shared with that check.
 
   def run(impl):
     if model == "vit":
-      config, batch, key = md.tiny_config(), md.image_batch, "activation_density/mean"
+      config, batch, key = md.tiny_config(), md.image_batch, "gradient_sparsity_1e-06/mean"
     else:
       config, batch, key = (md.tiny_t5_config(), md.t5_batch,
-                            "activation_density/decoder/mean")
+                            "gradient_sparsity_1e-06/decoder/mean")
       config.model.dropout_rate = 0.1
     config.mlp_impl, config.mlp_tiles = impl, TILES
     losses, densities, state = md.run_steps(config, jax.devices()[:1], batch, key)
@@ -189,8 +190,9 @@ def test_training_steps_with_pallas_equal_xla(model):
   losses, densities, params = run("pallas")
   ref_losses, ref_densities, ref_params = run("xla")
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  np.testing.assert_allclose(densities, ref_densities, atol=1e-6)
-  assert losses[0] != losses[-1]
+  np.testing.assert_allclose(densities, ref_densities, atol=1e-3)
+  # (Step 0 of the ViT has dL/dz = 0 everywhere: its head starts at zero.)
+  assert 0 < densities[-1] < 1 and losses[0] != losses[-1]
   # Adam turns float-rounding differences of near-zero gradients (e.g. of attention's
   # key bias, to which softmax is invariant) into lr-sized steps: params agree to the
   # learning rate's scale, the losses above to float rounding.

@@ -60,6 +60,16 @@ def test_config_validation_messages():
     config_schema.validate(c)
   with pytest.raises(ConfigError, match="Unknown config argument"):
     config_schema.parse_variant("vanilla,sparsified")
+  c = config_schema.base_config()
+  c.mlp_impl = "triton"
+  with pytest.raises(ConfigError, match="config.mlp_impl='triton'"):
+    config_schema.validate(c)
+  c.mlp_impl, c.mlp_backend, c.mlp_tiles = "pallas", "tpu", (8, 100, 128)
+  with pytest.raises(ConfigError, match=r"not \(8, 128\)-aligned(.|\n)*Fix: pass"):
+    config_schema.validate(c)
+  c.mlp_tiles = (8, 128)
+  with pytest.raises(ConfigError, match="three positive integers"):
+    config_schema.validate(c)
 
 
 def test_finetuning_restricted_norm_keeps_a_frozen_bias_and_uplifts_scale():

@@ -112,7 +112,10 @@ class SparseMlp(nn.Module):
   def _z_offset(self, x, w1, hidden_shape, deterministic) -> jax.Array | None:
     """The z probe (dL/dz for metrics) plus W1's weight noise, or None when neither."""
     offset = None
-    if self.is_initializing() or self.has_variable("perturbations", "z"):
+    # As `perturb` itself: a probe exists at init, when the caller collects probe shapes
+    # (mutable 'perturbations') and when the caller passes probes.
+    if (self.is_initializing() or self.is_mutable_collection("perturbations")
+        or self.has_variable("perturbations", "z")):
       offset = self.perturb("z", jnp.zeros(hidden_shape, self.dtype))
     rng = self._noise_rng(self.weight_noise[0], deterministic)
     if rng is not None:
