@@ -75,13 +75,23 @@ KERNELS = {
 }
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("lead,d_model,d_ff", [((2, 20), 48, 200), ((32,), 128, 256)])
-@pytest.mark.parametrize("family", sorted(KERNELS))
+def _sweep_cases():
+  """Every family x shape x dtype; CI runs a cover of them (each family, each shape and
+  each dtype at least once), the rest are marked slow. The TPU interpreter runs on
+  the non-multiple shape only: its cost grows with grid steps."""
+  in_ci = {("tpu", 200, "float32"), ("tpu", 256, "bfloat16"), ("gpu", 256, "float32"),
+           ("gpu", 200, "bfloat16"), ("tpu_interpret_params", 200, "float32")}
+  for family in sorted(KERNELS):
+    for lead, d_model, d_ff in (((2, 20), 48, 200), ((32,), 128, 256)):
+      for dtype in ("float32", "bfloat16"):
+        if family == "tpu_interpret_params" and d_ff == 256:
+          continue
+        marks = () if (family, d_ff, dtype) in in_ci else (pytest.mark.slow,)
+        yield pytest.param(family, lead, d_model, d_ff, dtype, marks=marks)
+
+
+@pytest.mark.parametrize("family,lead,d_model,d_ff,dtype", list(_sweep_cases()))
 def test_pallas_matches_xla(family, lead, d_model, d_ff, dtype):
-  if family == "tpu_interpret_params" and d_ff == 256:
-    pytest.skip("The TPU interpreter runs on the non-multiple shape only: its cost "
-                "grows with grid steps, and that shape covers padding as well.")
   dtype = jnp.dtype(dtype)
   pallas = value_and_grads(KERNELS[family])
   reference = value_and_grads(MlpKernel(impl="xla"))
@@ -168,7 +178,8 @@ def test_bad_kernel_settings_are_named():
         kernel=MlpKernel(impl="pallas", backend="tpu", tiles=(8, 100, 128)))
 
 
-@pytest.mark.parametrize("model", ["vit", "t5"])
+# The ViT's pallas training also runs in CI, sharded: tests/multidevice_check.py.
+@pytest.mark.parametrize("model", [pytest.param("vit", marks=pytest.mark.slow), "t5"])
 def test_training_steps_with_pallas_equal_xla(model):
   """A few train steps (the metrics step: probes, sown activations) with
   mlp_impl='pallas' give the losses, gradient sparsities (from the dL/dz probes) and
