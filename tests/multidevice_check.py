@@ -9,15 +9,22 @@ device count. Prints one JSON line with the results.
 The 1-device, (8, 1, 1) and T5 runs use the metrics step (their activation densities
 are compared too); the other ViT meshes use the plain step, whose loss is the same
 computation and which compiles in about half the time.
+
+The Pallas MLP op (kernels interpreted) runs per shard under shard_map on the (2, 2, 2)
+mesh: its value and gradients are compared with the jnp op on one device. With
+`--pallas-training` the script also trains the ViT with mlp_impl='pallas' on that
+mesh (slower; tests/test_multidevice.py runs it as a slow test).
 """
 import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax import config_schema, sharding, train
 from sparse_jax.errors import ConfigError
+from sparse_jax.ops.mlp import MlpKernel, mlp
 
 
 def tiny_config():
@@ -82,6 +89,41 @@ def t5_losses(config, devices):
   return run_steps(config, devices, t5_batch, "activation_density/decoder/mean")[:2]
 
 
+def pallas_op_errors(mesh_shape=(2, 2, 2)):
+  """Max error / max |value| of the sharded Pallas op's y and gradients vs 1 device's
+  jnp op, per output; and the share of all-zero (8 x 128) blocks the kernels skip."""
+  rng = np.random.default_rng(0)
+  tokens, d_model, d_ff = 32, 16, 512  # d_ff / tensor = 256: two 128-unit tiles each.
+  x = rng.normal(size=(tokens, d_model)) * 0.5
+  w1 = rng.normal(size=(d_model, d_ff)) * 0.3 / np.sqrt(d_model)
+  b1 = rng.normal(size=(d_ff,)) * 0.05
+  w2 = rng.normal(size=(d_ff, d_model)) / np.sqrt(d_ff)
+  b2 = rng.normal(size=(d_model,)) * 0.1
+  # Whole (8 x 128) blocks active with probability 0.3, so each shard has zero blocks.
+  blocks = rng.random((tokens // 8, d_ff // 128)) < 0.3
+  active = np.kron(blocks, np.ones((8, 128), bool)) & (rng.random((tokens, d_ff)) < 0.7)
+  offset = np.where(active, 0.6, -0.6)
+  args = [jnp.asarray(a, jnp.float32) for a in (x, w1, b1, w2, b2, offset)]
+
+  def value_and_grads(kernel):
+    def loss(x, w1, b1, w2, b2, offset):
+      y = mlp(x, w1, b1, w2, b2, activation="jsrelu", z_offset=offset, kernel=kernel)
+      return jnp.sum(jnp.sin(1.3 * y)), y
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)),
+                                               has_aux=True))(*args)
+    return [np.asarray(v) for v in (y, *grads)]
+
+  mesh = sharding.make_mesh(mesh_shape, jax.devices())
+  got = value_and_grads(MlpKernel(impl="pallas", backend="tpu", tiles=(8, 128, 128),
+                                  interpret=True, mesh=mesh))
+  with jax.default_device(jax.devices()[0]):
+    want = value_and_grads(MlpKernel(impl="xla"))
+  names = ("y", "dx", "dw1", "db1", "dw2", "db2", "dz")
+  errors = {n: float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-6))
+            for n, g, w in zip(names, got, want)}
+  return {"errors": errors, "zero_block_share": float(1 - blocks.mean())}
+
+
 def error_of(fn):
   try:
     fn()
@@ -100,10 +142,11 @@ def main():
     c.mesh_shape = shape
     meshes["mesh_" + "_".join(map(str, shape))] = losses(c, jax.devices(),
                                                          with_metrics=False)
-  # The Pallas MLP kernels (interpreted) per shard under shard_map, FSDP + tensor.
-  c = tiny_config()
-  c.mesh_shape, c.mlp_impl, c.mlp_tiles = (2, 2, 2), "pallas", (8, 128, 128)
-  meshes["pallas_mesh_2_2_2"] = losses(c, jax.devices(), with_metrics=False)
+  if "--pallas-training" in sys.argv:
+    # The ViT whose MLPs run the Pallas kernels per shard, FSDP + tensor.
+    c = tiny_config()
+    c.mesh_shape, c.mlp_impl, c.mlp_tiles = (2, 2, 2), "pallas", (8, 128, 128)
+    meshes["pallas_mesh_2_2_2"] = losses(c, jax.devices(), with_metrics=False)
   t5_one = t5_losses(tiny_t5_config(), jax.devices()[:1])
   c = tiny_t5_config()
   c.mesh_shape = (2, 2, 2)
@@ -114,7 +157,7 @@ def main():
   bad_mesh.mesh_shape = (4, 1, 1)
   print(json.dumps({
       "one": one, "eight": eight, **meshes,
-      "t5_one": t5_one, "t5_mesh_2_2_2": t5_mixed,
+      "t5_one": t5_one, "t5_mesh_2_2_2": t5_mixed, "pallas_op_2_2_2": pallas_op_errors(),
       "batch_error": error_of(lambda: train.check_batch_sizes(
           bad_batch, sharding.make_mesh(bad_batch.mesh_shape))),
       "mesh_error": error_of(lambda: sharding.make_mesh(bad_mesh.mesh_shape)),

@@ -178,7 +178,8 @@ def test_bad_kernel_settings_are_named():
         kernel=MlpKernel(impl="pallas", backend="tpu", tiles=(8, 100, 128)))
 
 
-# The ViT's pallas training also runs in CI, sharded: tests/multidevice_check.py.
+# The ViT's pallas training is slow (here and on the (2, 2, 2) mesh, test_multidevice);
+# in CI the T5's runs here and the op runs sharded (multidevice_check.pallas_op_errors).
 @pytest.mark.parametrize("model", [pytest.param("vit", marks=pytest.mark.slow), "t5"])
 def test_training_steps_with_pallas_equal_xla(model):
   """A few train steps (the metrics step: probes, sown activations) with
