@@ -176,3 +176,7 @@ def test_benchmark_script_writes_json(tmp_path):
     assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
     assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
     assert r["bound"] == pytest.approx(2 / (1 + r["density"]))
+    half, dense = r["half_ms"], r["dense_ms"]
+    assert r["ceiling"] == pytest.approx(
+        dense / (half + r["density"] * max(dense - half, 0.0)))
+    assert r["fraction_of_ceiling"] == pytest.approx(r["speedup"] / r["ceiling"])
