@@ -131,7 +131,6 @@ def run(args: argparse.Namespace) -> list[dict]:
   # The dense op's first half, x W1 and the activation: what the decode op keeps.
   half = jax.jit(lambda x, w1, w2: apply_activation(act, x @ w1, 1.0))
   ops = {"dense": dense, "sparse": sparse, "half": half}
-  capacities = md.default_capacities(args.d_ff)
   stat = statistics.median if args.stat == "median" else min
   rng = np.random.default_rng(args.seed)
   rows = []
@@ -155,6 +154,7 @@ def run(args: argparse.Namespace) -> list[dict]:
           times[name].append(_time_call(ops[name], ops_args))
       dense_ms, sparse_ms, half_ms = (stat(times[n]) for n in ("dense", "sparse", "half"))
       p = len(units) / args.d_ff
+      capacities = md.capacities_for(args.d_ff, batch)  # What mlp_decode picks.
       branch = int(md.capacity_branch(len(units), capacities))
       bound = 2.0 / (1.0 + p)
       speedup = dense_ms / sparse_ms

@@ -79,8 +79,9 @@ def test_every_branch_equals_dense(batch):
   fn = decode_fn(activation="jsrelu")
   # No unit, one count per capacity band (each sparse branch), and all units (dense).
   counts = (0, 3, 8, 13, 24, 30, 40, D_FF)
+  caps = md.capacities_for(D_FF, batch)  # What mlp_decode picks: CAPS for both batches.
   want_branch = (0, 0, 0, 1, 2, 3, 4, 4)
-  branch_of = jax.jit(lambda n: md.capacity_branch(n, CAPS))
+  branch_of = jax.jit(lambda n: md.capacity_branch(n, caps))
   for n, branch in zip(counts, want_branch):
     args = make_mlp(rng, batch, n, bias=True)
     np.testing.assert_array_equal(np_union(*args[:3], "jsrelu"), args[-1])
@@ -88,7 +89,7 @@ def test_every_branch_equals_dense(batch):
     got = check_equal(fn, args, "jsrelu", f"batch={batch} active={n}")
     if n == 0:  # Nothing active: only the bias remains.
       np.testing.assert_allclose(got, np.broadcast_to(args[4], got.shape), atol=1e-6)
-  assert set(want_branch) == set(range(len(CAPS) + 1))
+  assert set(want_branch) == set(range(len(caps) + 1))
 
 
 @pytest.mark.parametrize("activation,bias,batch", [
@@ -146,6 +147,11 @@ def test_capacities():
   assert caps[0] == 48 and caps[-1] == 1536 and all(c % 8 == 0 for c in caps)
   assert all(b / a <= 4 / 3 for a, b in itertools.pairwise(caps))
   assert md.default_capacities(8) == ()  # Too small to skip anything: dense only.
+  # More than 2 tokens copy the rows: their default capacities stop at 40% of d_ff.
+  assert md.capacities_for(3072, 1) == md.capacities_for(3072, 2) == caps
+  assert md.capacities_for(3072, 3) == caps[:-1]  # 1224 (share 0.397) is kept, 1536 not.
+  # At d_ff = 64, 40% (25.6 units) rounds up to 32 rows: the same branches.
+  assert md.capacities_for(D_FF, 3) == CAPS
   assert [int(md.capacity_branch(n, (8, 16))) for n in (0, 8, 9, 16, 17)] == [0, 0, 1, 1, 2]
   x, w1, b1, w2, b2, _ = make_mlp(np.random.default_rng(4), 2, 3, True, d_ff=8)
   got = jax.jit(md.mlp_decode)(x, w1, b1, w2, b2)

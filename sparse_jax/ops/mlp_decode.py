@@ -24,9 +24,10 @@ Where the bound is not reached (measured on XLA:CPU, `benchmarks/mlp_decode.py`)
 active units are found by a prefix count and a scatter over all d_ff units, a few
 tens of microseconds; for 1-2 tokens a fused kernel per token reads the rows once
 (`_grouped_row_matvec`), but for more tokens they are gathered into a copy before the
-dot; and XLA:CPU's small-batch matmul x W1 ([b, d_model] x [d_model, d_ff]) runs
-slower than a W2 ([b, d_ff] x [d_ff, d_model]) for 2-8 tokens, so W1, which this op
-keeps, weighs more than half of the dense op.
+dot (which is why their default capacities stop at GATHER_MAX_SHARE); and XLA:CPU's
+small-batch matmul x W1 ([b, d_model] x [d_model, d_ff]) runs slower than a W2
+([b, d_ff] x [d_ff, d_model]) for 2-8 tokens, so W1, which this op keeps, weighs more
+than half of the dense op.
 """
 import itertools
 import math
@@ -49,10 +50,19 @@ CAPACITY_MULTIPLE = 8
 ROW_GROUP = 8
 # Units per block of the prefix count (see exclusive_counts).
 PREFIX_BLOCK = 32
+# Up to this many tokens, each token reads the rows in a fused loop
+# (_grouped_row_matvec); more tokens gather the rows into a copy, then dot.
+FUSED_MAX_TOKENS = 2
+# The copy stops paying near 40% of d_ff on XLA:CPU (768 x 3072, 4 tokens: 1.12x the
+# dense op's speed at 25% union density, 0.87x at 50%), so for more than
+# FUSED_MAX_TOKENS tokens the default capacities stop there and the dense branch runs
+# past it.
+GATHER_MAX_SHARE = 0.4
 
 
 def default_capacities(d_ff: int, shares: Sequence[float] = DEFAULT_CAPACITY_SHARES,
-                       multiple: int = CAPACITY_MULTIPLE) -> tuple[int, ...]:
+                       multiple: int = CAPACITY_MULTIPLE, max_share: float = 1.0
+                       ) -> tuple[int, ...]:
   """The static capacities for a hidden size `d_ff`: shares of it, rounded up.
 
   Capacities that reach d_ff are dropped (the dense branch covers them), and so are
@@ -62,16 +72,27 @@ def default_capacities(d_ff: int, shares: Sequence[float] = DEFAULT_CAPACITY_SHA
     d_ff: hidden size of the MLP.
     shares: capacities as shares of d_ff, ascending.
     multiple: each capacity is rounded up to a multiple of this.
+    max_share: shares above this are dropped.
 
   Returns:
     Strictly increasing capacities, each in [1, d_ff).
   """
   caps = []
-  for share in shares:
+  for share in (s for s in shares if s <= max_share):
     cap = max(math.ceil(share * d_ff / multiple) * multiple, 1)
     if cap < d_ff and (not caps or cap > caps[-1]):
       caps.append(cap)
   return tuple(caps)
+
+
+def capacities_for(d_ff: int, tokens: int) -> tuple[int, ...]:
+  """The capacities `mlp_decode` uses when none are given, for `tokens` tokens.
+
+  All of `default_capacities(d_ff)` for up to FUSED_MAX_TOKENS tokens; for more, those
+  up to GATHER_MAX_SHARE of d_ff, past which the gather costs more than it saves.
+  """
+  max_share = 1.0 if tokens <= FUSED_MAX_TOKENS else GATHER_MAX_SHARE
+  return default_capacities(d_ff, max_share=max_share)
 
 
 def _check_capacities(capacities: Sequence[int], d_ff: int) -> tuple[int, ...]:
@@ -238,17 +259,17 @@ def mlp_decode(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
     activation: 'relu', 'jsrelu' or 'mixed'.
     mixing: JSReLU share k of 'mixed'.
     capacities: strictly increasing row counts in [1, d_ff) the sparse branches
-      gather; default `default_capacities(d_ff)`. Above the largest, the dense branch
-      runs.
+      gather; default `capacities_for(d_ff, tokens)`. Above the largest, the dense
+      branch runs.
 
   Returns:
     [..., d_model], equal to `mlp_dense` of the same arguments up to float rounding.
   """
   d_ff = w1.shape[1]
-  caps = _check_capacities(
-      default_capacities(d_ff) if capacities is None else capacities, d_ff)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
+  caps = _check_capacities(
+      capacities_for(d_ff, x2.shape[0]) if capacities is None else capacities, d_ff)
   z = x2 @ w1
   if b1 is not None:
     z = z + b1
@@ -265,7 +286,7 @@ def mlp_decode(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
       idx = _pad(slots, count, capacity)
       # Indices lie in [0, d_ff) by construction: skip the bounds handling.
       a_sel = a.at[:, idx].get(mode="promise_in_bounds")
-      if a.shape[0] <= 2 and capacity % ROW_GROUP == 0:
+      if a.shape[0] <= FUSED_MAX_TOKENS and capacity % ROW_GROUP == 0:
         return jnp.stack([_grouped_row_matvec(row, w2, idx, interleave=i == 1)
                           for i, row in enumerate(a_sel)])
       # More tokens: XLA:CPU does not vectorise the grouped loop over tokens, and one
