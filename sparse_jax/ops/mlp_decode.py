@@ -225,19 +225,6 @@ def _grouped_row_matvec(a_sel: jax.Array, w2: jax.Array, idx: jax.Array,
   return np.ones((rows,), acc.dtype) @ acc
 
 
-def mlp_dense(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
-              b2: jax.Array | None, *, activation: ActivationName = "jsrelu",
-              mixing: jax.Array | float = 1.0) -> jax.Array:
-  """The plain MLP f(x W1 + b1) W2 + b2: the reference `mlp_decode` must equal."""
-  z = x @ w1
-  if b1 is not None:
-    z = z + b1
-  y = apply_activation(activation, z, mixing) @ w2
-  if b2 is not None:
-    y = y + b2
-  return y
-
-
 def mlp_decode(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
                b2: jax.Array | None, *, activation: ActivationName = "jsrelu",
                mixing: jax.Array | float = 1.0,
@@ -263,7 +250,8 @@ def mlp_decode(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
       branch runs.
 
   Returns:
-    [..., d_model], equal to `mlp_dense` of the same arguments up to float rounding.
+    [..., d_model], equal to the dense op (`sparse_jax.ops.mlp.mlp`, impl 'xla') of
+    the same arguments up to float rounding.
   """
   d_ff = w1.shape[1]
   lead = x.shape[:-1]
