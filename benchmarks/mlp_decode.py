@@ -6,8 +6,9 @@
 For each batch size and union density p (the share of hidden units active for some token
 of the batch) it builds an f32 MLP whose batch has exactly that share of units active,
 times the jitted dense op (`sparse_jax.ops.mlp.mlp`, impl 'xla', as the models run it)
-and the jitted `mlp_decode` in the same run, and prints dense_ms, sparse_ms, speedup = dense_ms / sparse_ms, the memory-traffic bound 2 / (1 + p)
-(W1 read fully, p of W2) and speedup / bound.
+and the jitted `mlp_decode` in the same run, and prints dense_ms, sparse_ms,
+speedup = dense_ms / sparse_ms, the memory-traffic bound 2 / (1 + p) (W1 read fully,
+p of W2) and speedup / bound.
 
 The bound assumes the dense op's two matmuls cost the same, as they read as many bytes.
 XLA:CPU's small-batch x W1 ([b, d_model] x [d_model, d_ff]) is often slower than its
