@@ -165,6 +165,13 @@ def _scatter_active(active: jax.Array, rank: jax.Array, capacity: int) -> jax.Ar
   return jnp.zeros((capacity + 1,), jnp.int32).at[targets].set(units, mode="drop")
 
 
+def _list_active(active: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """(`_scatter_active`'s slots for `capacity`, the number of active units)."""
+  rank = exclusive_counts(active)
+  count = rank[-1] + active[-1].astype(jnp.int32)
+  return _scatter_active(active, rank, capacity), count
+
+
 def _pad(slots: jax.Array, count: jax.Array, capacity: int) -> jax.Array:
   """The first `capacity` active units from `_scatter_active`, padded from its spare."""
   return jnp.where(np.arange(capacity) < count, slots[1:capacity + 1], slots[0])
@@ -186,9 +193,8 @@ def active_indices(active: jax.Array, capacity: int) -> jax.Array:
     ascending order; when fewer than `capacity` units are active, the rest are one
     inactive unit, whose activation is 0 for every token.
   """
-  rank = exclusive_counts(active)
-  count = rank[-1] + active[-1].astype(jnp.int32)
-  return _pad(_scatter_active(active, rank, capacity), count, capacity)
+  slots, count = _list_active(active, capacity)
+  return _pad(slots, count, capacity)
 
 
 def _grouped_row_matvec(a_sel: jax.Array, w2: jax.Array, idx: jax.Array,
@@ -265,9 +271,7 @@ def mlp_decode(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
   active = jnp.any(is_active(z, activation), axis=0)
   # The active units, up to the largest capacity, are listed once, outside the switch
   # (each branch costs compile time); a branch takes the head of the list it needs.
-  rank = exclusive_counts(active)
-  count = rank[-1] + active[-1].astype(jnp.int32)
-  slots = _scatter_active(active, rank, max(caps, default=0))
+  slots, count = _list_active(active, max(caps, default=0))
 
   def sparse_branch(capacity: int):
     def branch(a, slots, count, w2):
