@@ -20,12 +20,13 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from mlp_op_cases import NAMES, make_inputs, value_and_grads
 
 from sparse_jax import config_schema, sharding, train
 from sparse_jax.errors import ConfigError
-from sparse_jax.ops.mlp import MlpKernel, mlp
+from sparse_jax.kernels import block_mask
+from sparse_jax.ops.mlp import MlpKernel
 
 
 def tiny_config():
@@ -93,36 +94,20 @@ def t5_losses(config, devices):
 def pallas_op_errors(mesh_shape=(2, 2, 2)):
   """Max error / max |value| of the sharded Pallas op's y and gradients vs 1 device's
   jnp op, per output; and the share of all-zero (8 x 128) blocks the kernels skip."""
-  rng = np.random.default_rng(0)
-  tokens, d_model, d_ff = 32, 16, 512  # d_ff / tensor = 256: two 128-unit tiles each.
-  x = rng.normal(size=(tokens, d_model)) * 0.5
-  w1 = rng.normal(size=(d_model, d_ff)) * 0.3 / np.sqrt(d_model)
-  b1 = rng.normal(size=(d_ff,)) * 0.05
-  w2 = rng.normal(size=(d_ff, d_model)) / np.sqrt(d_ff)
-  b2 = rng.normal(size=(d_model,)) * 0.1
+  # 32 tokens: 8 per data x fsdp shard. d_ff / tensor = 256: two 128-unit tiles each.
   # Whole (8 x 128) blocks active with probability 0.3, so each shard has zero blocks.
-  blocks = rng.random((tokens // 8, d_ff // 128)) < 0.3
-  active = np.kron(blocks, np.ones((8, 128), bool)) & (rng.random((tokens, d_ff)) < 0.7)
-  offset = np.where(active, 0.6, -0.6)
-  args = [jnp.asarray(a, jnp.float32) for a in (x, w1, b1, w2, b2, offset)]
-
-  def value_and_grads(kernel):
-    def loss(x, w1, b1, w2, b2, offset):
-      y = mlp(x, w1, b1, w2, b2, activation="jsrelu", z_offset=offset, kernel=kernel)
-      return jnp.sum(jnp.sin(1.3 * y)), y
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)),
-                                               has_aux=True))(*args)
-    return [np.asarray(v) for v in (y, *grads)]
-
+  operands = make_inputs((32,), 16, 512, "blocks", 0.3)
   mesh = sharding.make_mesh(mesh_shape, jax.devices())
-  got = value_and_grads(MlpKernel(impl="pallas", backend="tpu", tiles=(8, 128, 128),
-                                  interpret=True, mesh=mesh))
+  (_, y), grads = value_and_grads(MlpKernel(
+      impl="pallas", backend="tpu", tiles=(8, 128, 128), interpret=True, mesh=mesh))(
+          *operands)
   with jax.default_device(jax.devices()[0]):
-    want = value_and_grads(MlpKernel(impl="xla"))
-  names = ("y", "dx", "dw1", "db1", "dw2", "db2", "dz")
+    (_, y_ref), grads_ref = value_and_grads(MlpKernel(impl="xla"))(*operands)
   errors = {n: float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-6))
-            for n, g, w in zip(names, got, want)}
-  return {"errors": errors, "zero_block_share": float(1 - blocks.mean())}
+            for n, g, w in zip(NAMES, (y, *grads), (y_ref, *grads_ref))}
+  # make_inputs' offsets decide the sign of z.
+  blocks = block_mask.block_mask(operands[5] > 0, 8, 128)
+  return {"errors": errors, "zero_block_share": float(1 - np.asarray(blocks).mean())}
 
 
 def error_of(fn):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from mlp_op_cases import NAMES, make_inputs, value_and_grads
 
 from sparse_jax.kernels import block_mask
 from sparse_jax.nn.sparse_mlp import SparseMlp
@@ -23,41 +24,6 @@ PATTERNS = [("random", 0.0), ("random", 0.01), ("random", 0.1), ("random", 0.5),
             ("random", 1.0), ("blocks", 0.01), ("blocks", 0.1), ("blocks", 0.5)]
 
 
-def make_inputs(lead, d_model, d_ff, pattern, density, seed=0):
-  """MLP operands whose z = x W1 + b1 + z_offset is active (z > 0) on a chosen pattern.
-
-  'random': each entry active with probability `density`; 'blocks': whole 8 x 128
-  token x unit blocks active with that probability (inside them entries are active
-  with probability 0.7), so some blocks are all zero and kernels really skip.
-  """
-  rng = np.random.default_rng(seed)
-  tokens = int(np.prod(lead))
-  if pattern == "random":
-    active = rng.random((tokens, d_ff)) < density
-  else:
-    blocks = rng.random((-(-tokens // 8), -(-d_ff // 128))) < density
-    active = np.kron(blocks, np.ones((8, 128), bool))[:tokens, :d_ff]
-    active &= rng.random((tokens, d_ff)) < 0.7
-  x = rng.normal(size=(*lead, d_model)) * 0.5
-  w1 = rng.normal(size=(d_model, d_ff)) * 0.3 / np.sqrt(d_model)
-  b1 = rng.normal(size=(d_ff,)) * 0.05
-  w2 = rng.normal(size=(d_ff, d_model)) / np.sqrt(d_ff)
-  b2 = rng.normal(size=(d_model,)) * 0.1
-  # |x W1 + b1| stays well below 0.5, so the offset decides the sign of z.
-  offset = np.where(active, 0.6 + rng.random(active.shape), -0.6 - rng.random(active.shape))
-  offset = offset.reshape(*lead, d_ff)
-  return [jnp.asarray(a, jnp.float32) for a in (x, w1, b1, w2, b2, offset)]
-
-
-def value_and_grads(kernel, activation="jsrelu", mixing=0.7, keep=None, rate=0.0):
-  def loss(x, w1, b1, w2, b2, offset):
-    y = mlp(x, w1, b1, w2, b2, activation=activation, mixing=mixing, z_offset=offset,
-            dropout_keep=keep, dropout_rate=rate, kernel=kernel)
-    # A loss whose cotangent differs per output entry, so dY is not uniform.
-    return jnp.sum(jnp.sin(y.astype(jnp.float32) * 1.3)), y
-  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
-
-
 def assert_close(got, want, rtol, what):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   scale = max(float(np.abs(want).max()), 1e-3)
@@ -65,7 +31,6 @@ def assert_close(got, want, rtol, what):
   assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol} x {scale:.3g}"
 
 
-NAMES = ("y", "dx", "dw1", "db1", "dw2", "db2", "dz")
 KERNELS = {
     "tpu": MlpKernel(impl="pallas", backend="tpu", tiles=TILES, interpret=True),
     "tpu_interpret_params": MlpKernel(
