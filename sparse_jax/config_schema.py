@@ -23,7 +23,7 @@ def _common_config() -> ml_collections.ConfigDict:
 
   # The sparsity modules of Peng et al.; apply_variant() sets them as a group.
   c.sparsity = ml_collections.ConfigDict(dict(
-      activation="jsrelu",               # 'relu' | 'jsrelu' | 'mixed'
+      activation="jsrelu",               # 'relu' | 'jsrelu' | 'mixed' | 's_shaped'
       activation_mixing_steps=0,         # T_mix for 'mixed' (0 = direct swap).
       zeroth_bias_position="mlp_output",  # 'none' | 'mlp_output' (official code) | 'mlp_input' (paper)
       zeroth_bias_clipping=config_dict.placeholder(float),  # c of |b| <= c|gamma|; None = unclipped
@@ -33,6 +33,11 @@ def _common_config() -> ml_collections.ConfigDict:
       uplift_steps=0,                    # T_up of the uplift.
       projection_timing="after_update",  # 'after_update' (paper) | 'before_update' (official ViT code)
       weight_noise=0.0,                  # rho of per-token weight noise (ViT: both MLP denses; T5: wi).
+      # 's_shaped': f(z) = relu(u - w)^2 - relu(-u - w)^2 + shift_y, u = z - shift_x,
+      # flat on [shift_x - w, shift_x + w] (w = half_width); see ops.activations.SShaped.
+      s_shaped_shift_x=0.0,
+      s_shaped_shift_y=0.0,
+      s_shaped_half_width=1.5,
   ))
   c.sparsity.zeroth_bias_clipping = 0.1
 
@@ -180,7 +185,8 @@ def _choice(name: str, value, allowed) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Static checks that need no devices or data; raises ConfigError naming the fix."""
   s, m, o = c.sparsity, c.model, c.optimizer
-  _choice("sparsity.activation", s.activation, ("relu", "jsrelu", "mixed"))
+  _choice("sparsity.activation", s.activation, ("relu", "jsrelu", "mixed", "s_shaped"))
+  _validate_s_shaped(c)
   _choice("sparsity.zeroth_bias_position", s.zeroth_bias_position,
           ("none", "mlp_input", "mlp_output"))
   _choice("sparsity.norm_projection", s.norm_projection, ("clamp", "uplift"))
@@ -228,6 +234,21 @@ def _validate_mlp_kernel(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.mlp_tiles={tiles!r} is not (8, 128)-aligned, which TPU "
                       "kernels need (tokens % 8, units % 128, features % 128).\nFix: pass "
                       "e.g. --config.mlp_tiles='(128, 128, 256)'.")
+
+
+def _validate_s_shaped(c: ml_collections.ConfigDict) -> None:
+  s = c.sparsity
+  if s.activation != "s_shaped":
+    return
+  if not s.s_shaped_half_width > 0:
+    raise ConfigError(f"sparsity.s_shaped_half_width={s.s_shaped_half_width} must be "
+                      "positive (it is the half-width of the flat region).\n"
+                      "Fix: pass --config.sparsity.s_shaped_half_width=1.5.")
+  if c.mlp_impl != "xla":
+    raise ConfigError("sparsity.activation='s_shaped' runs only with mlp_impl='xla' (the "
+                      "Pallas kernels skip blocks where z < 0, which is not its flat "
+                      f"region), but mlp_impl={c.mlp_impl!r}.\n"
+                      "Fix: pass --config.mlp_impl=xla.")
 
 
 def _on_tpu() -> bool:

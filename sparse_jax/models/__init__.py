@@ -7,6 +7,7 @@ import ml_collections
 from sparse_jax.errors import ConfigError
 from sparse_jax.models.t5 import T5, T5Config
 from sparse_jax.models.vit import VisionTransformer
+from sparse_jax.ops.activations import Activation, SShaped
 from sparse_jax.ops.mlp import MlpKernel
 
 MODELS = ("vit", "t5")
@@ -25,7 +26,7 @@ def build_model(config: ml_collections.ConfigDict,
     return VisionTransformer(
         num_classes=config.num_classes, patch_size=m.patch_size,
         hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-        mlp_dim=m.mlp_dim, image_size=config.image_size, activation=s.activation,
+        mlp_dim=m.mlp_dim, image_size=config.image_size, activation=activation_spec(config),
         zeroth_bias_position=position,
         # From scratch the restricted norm drops its bias; finetuning (uplift) keeps it
         # frozen.
@@ -39,11 +40,21 @@ def build_model(config: ml_collections.ConfigDict,
         num_decoder_layers=m.num_decoder_layers,
         relative_attention_num_buckets=m.relative_attention_num_buckets,
         relative_attention_max_distance=m.relative_attention_max_distance,
-        dropout_rate=m.dropout_rate, activation=s.activation,
+        dropout_rate=m.dropout_rate, activation=activation_spec(config),
         zeroth_bias_position=position, max_len=m.max_len,
         weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel))
   raise ConfigError(f"Unknown model {m.name!r}.\nFix: set config.model.name to one of "
                     f"{MODELS}.")
+
+
+def activation_spec(config: ml_collections.ConfigDict) -> Activation:
+  """`config.sparsity.activation` as the MLP op takes it: the name, or for 's_shaped'
+  an `SShaped` carrying its shifts and half-width."""
+  s = config.sparsity
+  if s.activation == "s_shaped":
+    return SShaped(shift_x=float(s.s_shaped_shift_x), shift_y=float(s.s_shaped_shift_y),
+                   half_width=float(s.s_shaped_half_width))
+  return s.activation
 
 
 def mlp_kernel(config: ml_collections.ConfigDict,

@@ -15,7 +15,7 @@ from sparse_jax.nn.attention import MultiHeadAttention
 from sparse_jax.nn.dense import NoisyDense, layer_norm
 from sparse_jax.nn.sparse_mlp import SparseMlp, ZerothBiasPosition
 from sparse_jax.ops.mlp import MlpKernel
-from sparse_jax.ops.activations import ActivationName
+from sparse_jax.ops.activations import Activation
 
 Dtype = Any
 
@@ -24,7 +24,7 @@ class EncoderBlock(nn.Module):
   """x + Attn(LN(x)), then x + MLP(mlp_norm(x)) (+ zeroth bias inside the MLP)."""
   num_heads: int
   mlp_dim: int
-  activation: ActivationName
+  activation: Activation
   zeroth_bias_position: ZerothBiasPosition | None
   mlp_norm_bias: bool
   max_len: int
@@ -56,7 +56,7 @@ class VisionTransformer(nn.Module):
   num_heads: int
   mlp_dim: int
   image_size: int
-  activation: ActivationName = "relu"
+  activation: Activation = "relu"
   zeroth_bias_position: ZerothBiasPosition | None = None
   mlp_norm_bias: bool = True
   weight_noise: float = 0.0

@@ -1,0 +1,88 @@
+"""The papers' validation experiments: the S-shaped activation, its metrics, the
+residual LayerNorm MLP with gradient-noise anisotropy, and both configs end to end."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_jax import config_schema
+from sparse_jax.errors import ConfigError
+from sparse_jax.ops import activations as act
+from sparse_jax.ops import mlp as mlp_op
+
+SHIFTED = act.SShaped(shift_x=1.6, shift_y=-1.6, half_width=1.5)
+
+
+def _reference_s_shaped(z, sx, sy, w):
+  u = z - sx
+  return np.maximum(u - w, 0) ** 2 - np.maximum(-u - w, 0) ** 2 + sy
+
+
+def test_s_shaped_values_flat_region_and_derivative():
+  z = jnp.linspace(-4.0, 6.0, 201)
+  a = act.apply_activation(SHIFTED, z)
+  np.testing.assert_allclose(a, _reference_s_shaped(np.asarray(z), 1.6, -1.6, 1.5),
+                             rtol=1e-6, atol=1e-6)
+  # Flat region [s_x - w, s_x + w] = [0.1, 3.1]: value s_y, derivative exactly 0,
+  # edges included; outside it the derivative is nonzero.
+  u = np.asarray(z) - np.float32(1.6)
+  flat = np.abs(u) <= np.float32(1.5)
+  assert 0.28 < flat.mean() < 0.32  # 3 of the 10 units of z.
+  np.testing.assert_array_equal(np.asarray(a)[flat], np.float32(-1.6))
+  autodiff = jax.vmap(jax.grad(lambda v: act.apply_activation(SHIFTED, v)))(z)
+  np.testing.assert_allclose(autodiff, act.activation_derivative(SHIFTED, z), rtol=1e-6,
+                             atol=1e-6)
+  assert np.all(np.asarray(autodiff)[flat] == 0)
+  assert np.all(np.asarray(autodiff)[~flat] != 0)
+  # Odd around (s_x, s_y), increasing: an S.
+  np.testing.assert_allclose(act.s_shaped(1.6 + z, SHIFTED) + 1.6,
+                             -(act.s_shaped(1.6 - z, SHIFTED) + 1.6), atol=1e-5)
+  assert np.all(np.diff(np.asarray(a)) >= 0)
+  # Edges: f' is 0 exactly at u = +-w, as for relu(.)^2.
+  edges = jnp.float32(1.6) + jnp.array([-1.5, 1.5])
+  np.testing.assert_array_equal(jax.vmap(jax.grad(lambda v: act.s_shaped(v, SHIFTED)))(
+      edges), [0.0, 0.0])
+
+
+def test_s_shaped_through_the_mlp_op_is_hashable_and_xla_only():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+  w1 = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  run = jax.jit(lambda x: mlp_op.mlp(x, w1, None, w2, None, activation=SHIFTED))
+  expected = _reference_s_shaped(np.asarray(x @ w1), 1.6, -1.6, 1.5) @ np.asarray(w2)
+  np.testing.assert_allclose(run(x), expected, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="impl='xla'"):
+    mlp_op.mlp(x, w1, None, w2, None, activation=SHIFTED,
+               kernel=mlp_op.MlpKernel(impl="pallas"))
+
+
+def test_s_shaped_config_errors():
+  c = config_schema.base_config()
+  c.sparsity.activation = "s_shaped"
+  config_schema.validate(c)
+  c.mlp_impl = "pallas"
+  with pytest.raises(ConfigError) as error:
+    config_schema.validate(c)
+  assert "s_shaped" in str(error.value)
+  assert str(error.value).splitlines()[-1] == "Fix: pass --config.mlp_impl=xla."
+  c.mlp_impl = "xla"
+  c.sparsity.s_shaped_half_width = 0.0
+  with pytest.raises(ConfigError, match="s_shaped_half_width"):
+    config_schema.validate(c)
+
+
+def test_build_model_carries_the_s_shaped_parameters():
+  from sparse_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  c = config_schema.base_config()
+  c.sparsity.update(dict(activation="s_shaped", s_shaped_shift_x=1.6,
+                         s_shaped_shift_y=-1.6))
+  model = build_model(c)
+  assert model.activation == SHIFTED
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images, train=False)
+  _, mutated = model.apply(variables, images, train=False, mutable=["intermediates"])
+  block = mutated["intermediates"]["block_0"]["mlp"]
+  z, a = block["z"][0], block["a"][0]
+  np.testing.assert_allclose(a, _reference_s_shaped(np.asarray(z), 1.6, -1.6, 1.5),
+                             rtol=1e-5, atol=1e-5)
