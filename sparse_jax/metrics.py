@@ -168,3 +168,51 @@ def token_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array
   correct = jnp.argmax(logits, axis=-1) == targets
   return {"loss": masked_mean(cross_entropy(logits, targets), weights),
           "accuracy": masked_mean(correct, weights)}
+
+
+# ------------------------------------------------------------- validation experiments
+def s_shaped_metrics(intermediates: Mapping[str, Any], shift_x: float, shift_y: float,
+                     half_width: float, mask: Masks = None) -> dict[str, jax.Array]:
+  """Where the S-shaped activation's inputs and outputs sit, per MLP layer.
+
+  `activation_concentration`: share of z in the flat region [s_x - w, s_x + w] (where
+  f'(z) = 0); `flat_output_share`: share of a with |a - s_y| <= 1e-6 (the activation
+  sparsity of this activation, measured at its flat value s_y instead of at 0).
+  """
+  blocks = mlp_blocks(intermediates, ("z", "a"))
+  return {
+      **_per_layer("activation_concentration", blocks,
+                   lambda m, k: masked_mean(jnp.abs(m["z"] - shift_x) <= half_width, k),
+                   mask),
+      **_per_layer("flat_output_share", blocks,
+                   lambda m, k: masked_mean(jnp.abs(m["a"] - shift_y) <= ACTIVE_THRESHOLD,
+                                            k), mask)}
+
+
+def _largest_to_mean_eigenvalue(per_example: jax.Array) -> jax.Array:
+  """lambda_max / mean(lambda) of the covariance over the batch of rows [B, D].
+
+  The mean runs over all D eigenvalues (trace / D), zeros included when B <= D; the
+  largest comes from the smaller of the D x D covariance and the B x B Gram matrix of
+  the centred rows, which share their nonzero eigenvalues.
+  """
+  g = per_example.reshape(per_example.shape[0], -1).astype(jnp.float32)
+  g = g - jnp.mean(g, axis=0, keepdims=True)
+  n, d = g.shape
+  gram = g @ g.T if n <= d else g.T @ g
+  largest = jnp.linalg.eigvalsh(gram)[-1]
+  mean = jnp.trace(gram) / d
+  return largest / jnp.maximum(mean, jnp.finfo(jnp.float32).tiny)
+
+
+def gradient_noise_anisotropy(probe_grads: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Anisotropy of the gradient noise at each block output, per layer + mean.
+
+  For every module with a 'block_output' probe (the residual MLP's blocks): the ratio of
+  the largest to the mean eigenvalue of the covariance over the batch of the per-example
+  dL/d(block output). The loss is a batch mean, so the probe gradients are per-example
+  gradients / B; the ratio does not depend on that scale. {} when no such probe exists.
+  """
+  blocks = mlp_blocks(probe_grads, ("block_output",))
+  return _per_layer("gradient_noise_anisotropy", blocks,
+                    lambda m, _: _largest_to_mean_eigenvalue(m["block_output"]), None)

@@ -196,6 +196,16 @@ def init_state(exp: Experiment) -> TrainState:
 
 
 # ----------------------------------------------------------------------------- steps
+def _s_shaped_metrics(config: ml_collections.ConfigDict):
+  """(intermediates, mask=masks) -> the S-shaped activation's metrics, or {} for the other
+  activations (their flat region is z <= 0: derivative_sparsity measures it)."""
+  s = config.sparsity
+  if s.activation != "s_shaped":
+    return lambda intermediates, mask: {}
+  return functools.partial(metrics.s_shaped_metrics, shift_x=s.s_shaped_shift_x,
+                           shift_y=s.s_shaped_shift_y, half_width=s.s_shaped_half_width)
+
+
 def make_train_step(exp: Experiment, *, with_metrics: bool):
   """Jitted (state, batch) -> (state, scalars); the metrics variant also sows
   intermediates and differentiates zero probes for per-token gradients.
@@ -208,6 +218,7 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
   schedule = learning_rate_schedule(config)
   mixing_steps = config.sparsity.activation_mixing_steps
   cap = config.metrics_batch_size
+  s_shaped_metrics = _s_shaped_metrics(config)
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array]):
     noise_rng, dropout_rng = jax.random.split(
@@ -253,6 +264,8 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
       out.update(metrics.activation_metrics(mutated["intermediates"], masks))
       out.update(metrics.gradient_metrics(probe_grads, masks))
       out.update(metrics.parameter_metrics(params, stacks=task.stacks))
+      out.update(s_shaped_metrics(mutated["intermediates"], mask=masks))
+      out.update(metrics.gradient_noise_anisotropy(probe_grads))
       out["activation_mixing"] = mixing
     return TrainState(state.step + 1, params, opt_state), out
 
@@ -265,6 +278,7 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
 def make_eval_step(exp: Experiment):
   """Jitted (params, step, batch) -> mask-weighted sums of eval metrics, and the weight."""
   config, model, task = exp.config, exp.model, exp.task
+  s_shaped_metrics = _s_shaped_metrics(config)
 
   def step_fn(params, step, batch):
     mixing = mixing_coefficient(step, config.sparsity.activation_mixing_steps)
@@ -274,6 +288,8 @@ def make_eval_step(exp: Experiment):
     out = task.metrics(logits, batch, mask)
     out.update(metrics.activation_metrics(mutated["intermediates"],
                                           task.sparsity_masks(batch, mask)))
+    out.update(s_shaped_metrics(mutated["intermediates"],
+                                mask=task.sparsity_masks(batch, mask)))
     weight = jnp.sum(mask)
     return jax.tree.map(lambda v: v * weight, out), weight
 

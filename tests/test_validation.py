@@ -86,3 +86,52 @@ def test_build_model_carries_the_s_shaped_parameters():
   z, a = block["z"][0], block["a"][0]
   np.testing.assert_allclose(a, _reference_s_shaped(np.asarray(z), 1.6, -1.6, 1.5),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_s_shaped_metrics_against_numpy():
+  from sparse_jax import metrics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  z = [rng.normal(1.0, 2.0, size=(4, 3, 6)).astype(np.float32) for _ in range(2)]
+  z[1][0, 0, :3] = 1.6 + 1.5  # On the region's edge: counts as inside.
+  a = [_reference_s_shaped(v, 1.6, -1.6, 1.5).astype(np.float32) for v in z]
+  tree = {f"block_{i}": {"mlp": {"z": (jnp.asarray(z[i]),), "a": (jnp.asarray(a[i]),)}}
+          for i in range(2)}
+  mask = np.array([1.0, 0.0, 1.0, 1.0], np.float32)
+  out = metrics.s_shaped_metrics(tree, 1.6, -1.6, 1.5, jnp.asarray(mask))
+  real = mask > 0
+  for i in range(2):
+    inside = np.abs(z[i] - np.float32(1.6)) <= np.float32(1.5)
+    flat = np.abs(a[i] + np.float32(1.6)) <= 1e-6
+    np.testing.assert_allclose(out[f"activation_concentration/layer_{i}"],
+                               inside[real].mean(), rtol=1e-6)
+    np.testing.assert_allclose(out[f"flat_output_share/layer_{i}"], flat[real].mean(),
+                               rtol=1e-6)
+    assert 0.1 < inside[real].mean() < 0.9
+  np.testing.assert_allclose(out["activation_concentration/mean"],
+                             (out["activation_concentration/layer_0"]
+                              + out["activation_concentration/layer_1"]) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch,width", [(8, 5), (3, 7)])  # Gram side and covariance side.
+def test_gradient_noise_anisotropy_against_numpy(batch, width):
+  from sparse_jax import metrics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  # Per-example gradients with one dominant direction, divided by B as in a mean loss.
+  grads = [rng.normal(size=(batch, width)) * np.linspace(3.0, 0.5, width) / batch
+           for _ in range(2)]
+  tree = {f"block_{i}": {"block_output": jnp.asarray(g, jnp.float32)}
+          for i, g in enumerate(grads)}
+  tree["head"] = {"other_probe": jnp.ones((batch, 3))}  # Not a block output: ignored.
+  out = metrics.gradient_noise_anisotropy(tree)
+  assert set(out) == {"gradient_noise_anisotropy/layer_0",
+                      "gradient_noise_anisotropy/layer_1", "gradient_noise_anisotropy/mean"}
+  for i, g in enumerate(grads):
+    eig = np.linalg.eigvalsh(np.cov(g, rowvar=False))
+    np.testing.assert_allclose(out[f"gradient_noise_anisotropy/layer_{i}"],
+                               eig[-1] / eig.mean(), rtol=1e-4)
+    # Scale-free: the 1/B of the mean loss does not matter.
+    scaled = metrics.gradient_noise_anisotropy({"b": {"block_output": jnp.asarray(
+        g * batch, jnp.float32)}})
+    np.testing.assert_allclose(scaled["gradient_noise_anisotropy/layer_0"],
+                               eig[-1] / eig.mean(), rtol=1e-4)
+  assert metrics.gradient_noise_anisotropy({"block_0": {"mlp": {"z": jnp.ones(3)}}}) == {}
