@@ -3,6 +3,7 @@
 Order of work, so that bad input fails before anything is compiled or written:
 validate config -> mesh/batch checks -> workdir checks -> dataset checks -> build
 abstract state -> (write config.json) -> restore or init -> loop -> eval -> summary.json.
+Every logged/evaluated step also appends a line to metrics.jsonl (see metric_log.py).
 """
 import dataclasses
 import functools
@@ -25,7 +26,7 @@ from etils import epath
 from flax import struct, traverse_util
 
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import config_schema, finetune, metrics, sharding, tasks
+from sparse_jax import config_schema, finetune, metric_log, metrics, sharding, tasks
 from sparse_jax.errors import ConfigError
 from sparse_jax.models import build_model
 from sparse_jax.ops.activations import mixing_coefficient
@@ -521,6 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("Compiled the train steps in %.1f s.", time.time() - compile_start)
     batches = itertools.chain([first], batches)
   writer = _writer(str(root))
+  history = metric_log.MetricLog(root, start_step, active=is_chief)
   train_scalars: dict[str, float] = {}
   eval_scalars: dict[str, float] = {}
   last_good = latest
@@ -544,6 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       done = step + 1
       log_now = done % config.log_every == 0 or done == config.num_steps
       state, out = (metrics_step if log_now else plain_step)(state, next(batches))
+      logged = {}
       interval_steps += 1
       if pending is not None:
         check_finite(*pending)
@@ -554,24 +557,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         elapsed = time.time() - interval_start
         rate = interval_steps / max(elapsed, 1e-9)
         train_scalars = scalars
-        writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()}
-                             | {"train/steps_per_sec": rate})
+        logged = {f"train/{k}": v for k, v in scalars.items()} | {"train/steps_per_sec": rate}
+        writer.write_scalars(done, logged)
         log.info("step %d/%d | loss %.4f | accuracy %.3f | activation density %.4f | "
                  "%.1f steps/s | ETA %s", done, config.num_steps, scalars["loss"],
                  scalars["accuracy"], scalars.get("activation_density/mean", float("nan")),
                  rate, _format_eta((config.num_steps - done) / max(rate, 1e-9)))
         interval_start, interval_steps = time.time(), 0
+      if done % config.eval_every == 0 or done == config.num_steps:
+        check_finite(*pending)
+        eval_scalars = evaluate(exp, eval_step, state.params, state.step)
+        evaluated = {f"eval/{k}": v for k, v in eval_scalars.items()}
+        writer.write_scalars(done, evaluated)
+        logged |= evaluated
+        log.info("eval at step %d | loss %.4f | accuracy %.4f | activation density %.4f",
+                 done, eval_scalars["loss"], eval_scalars["accuracy"],
+                 eval_scalars.get("activation_density/mean", float("nan")))
+      # The step's line goes out before its checkpoint: a resume from any checkpoint
+      # finds the lines of every step up to it (later ones are dropped on resume).
+      history.write(done, logged)
       if done % config.checkpoint_every == 0 or done == config.num_steps:
         check_finite(*pending)
         checkpointer.save(done, state, data=_data_positions(local_batches),
                           force=done == config.num_steps)
         last_good = done
-      if done % config.eval_every == 0 or done == config.num_steps:
-        eval_scalars = evaluate(exp, eval_step, state.params, state.step)
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_scalars.items()})
-        log.info("eval at step %d | loss %.4f | accuracy %.4f | activation density %.4f",
-                 done, eval_scalars["loss"], eval_scalars["accuracy"],
-                 eval_scalars.get("activation_density/mean", float("nan")))
       if checkpointer.reached_preemption(done):
         if last_good != done:
           check_finite(*pending)

@@ -78,6 +78,15 @@ def test_train_kill_resume_and_rerun(tmp_path, data_dir, cache_dir):
     assert gamma.min() >= 1.0  # Restricted LayerNorm clamp held.
     assert np.all(np.abs(bias) <= 0.1 * np.abs(gamma) + 1e-6)  # Zeroth-bias box held.
 
+  # metrics.jsonl: one line per logged (every 10) or evaluated (every 20) step, train and
+  # eval of a step in one line, no step twice after the kill and resume.
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [10, 20, 30, 40]
+  assert all("train/loss" in l and "train/steps_per_sec" in l for l in lines)
+  assert ["eval/accuracy" in l for l in lines] == [False, True, False, True]
+  assert lines[-1]["eval/accuracy"] == summary["eval/accuracy"]
+  assert lines[-1]["train/activation_density/mean"] == summary["train/activation_density/mean"]
+
   tags = _event_tags(workdir)
   for tag in ["train/loss", "train/accuracy", "train/learning_rate",
               "train/activation_density/layer_0", "train/activation_density/mean",

@@ -1,0 +1,65 @@
+"""metrics.jsonl: every logged and evaluated scalar of a run, one JSON object per step.
+
+    {"step": 250, "train/loss": 1.93, "train/steps_per_sec": 41.2, "eval/accuracy": 0.71}
+
+Written by process 0 next to TensorBoard's event files, so reports and users need no
+TensorBoard parsing. Safe under resume: a run that restarts from checkpoint step S
+first drops every line with step > S (and any line cut short by a kill), rewriting the
+file atomically, so a kill -9 and rerun never duplicates or leaves stale steps.
+"""
+import json
+from typing import Any, Iterator
+
+from etils import epath
+
+FILE = "metrics.jsonl"
+
+
+def read(path: epath.Path) -> Iterator[dict[str, Any]]:
+  """The file's records in order; a line cut short (a killed writer) is skipped."""
+  if not path.exists():
+    return
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int):
+      yield record
+
+
+class MetricLog:
+  """Appends one line per step to `workdir/metrics.jsonl` (inactive off process 0)."""
+
+  def __init__(self, workdir: epath.Path, start_step: int, active: bool = True):
+    self.path = workdir / FILE
+    self.active = active
+    self._records = []  # Kept for filesystems without append (gs://): rewritten whole.
+    if not active or not self.path.exists():
+      return
+    text = self.path.read_text()
+    self._records = [r for r in read(self.path) if r["step"] <= start_step]
+    kept = "".join(_line(r) for r in self._records)
+    if kept != text:
+      self._replace(kept)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.active or not scalars:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._records.append(record)
+    if "://" in str(self.path):  # Object stores cannot append: rewrite atomically.
+      self._replace("".join(_line(r) for r in self._records))
+    else:
+      with self.path.open("a") as f:
+        f.write(_line(record))
+        f.flush()
+
+  def _replace(self, text: str) -> None:
+    tmp = self.path.parent / f"{self.path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(self.path)
+
+
+def _line(record: dict[str, Any]) -> str:
+  return json.dumps(record, sort_keys=False) + "\n"
