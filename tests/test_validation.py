@@ -135,3 +135,55 @@ def test_gradient_noise_anisotropy_against_numpy(batch, width):
     np.testing.assert_allclose(scaled["gradient_noise_anisotropy/layer_0"],
                                eig[-1] / eig.mean(), rtol=1e-4)
   assert metrics.gradient_noise_anisotropy({"block_0": {"mlp": {"z": jnp.ones(3)}}}) == {}
+
+
+def test_s_shaped_config_variants():
+  from configs import validation_s_shaped  # pylint: disable=g-import-not-at-top
+  shifts = {}
+  for variant in ("center", "pp", "pm", "mp", "mm"):
+    c = validation_s_shaped.get_config(variant)
+    config_schema.validate(c)
+    s = c.sparsity
+    assert s.activation == "s_shaped" and s.s_shaped_half_width == 1.5
+    assert s.zeroth_bias_position == "mlp_output" and s.zeroth_bias_clipping is None
+    assert not s.restricted_norm and s.weight_noise == 0
+    assert c.optimizer.weight_decay == 0 and c.optimizer.grad_clip_norm == 1.0
+    shifts[variant] = (s.s_shaped_shift_x, s.s_shaped_shift_y)
+  assert shifts == {"center": (0, 0), "pp": (1.6, 1.6), "pm": (1.6, -1.6),
+                    "mp": (-1.6, 1.6), "mm": (-1.6, -1.6)}
+  assert validation_s_shaped.get_config(None).sparsity.s_shaped_shift_x == 0
+  official = validation_s_shaped.get_config("mm,cifar10")
+  assert (official.dataset, official.image_size, official.model.hidden_size) == (
+      "cifar10", 224, 768)
+  assert official.optimizer.learning_rate == 1e-4 and official.batch_size == 64
+  config_schema.validate(official)
+  with pytest.raises(ConfigError, match="Fix:"):
+    validation_s_shaped.get_config("up")
+
+
+def test_s_shaped_config_end_to_end(tmp_path, data_dir, cache_dir):
+  """The CLI writes the S-shaped metrics, train and eval, to summary.json and TensorBoard."""
+  import json  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, run_cli  # pylint: disable=g-import-not-at-top
+  from test_train_e2e import _event_tags  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  result = run_cli(
+      f"--config={REPO}/configs/validation_s_shaped.py:mp", f"--workdir={workdir}",
+      f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
+      "--config.num_steps=12", "--config.log_every=6", "--config.eval_every=12",
+      "--config.checkpoint_every=12", "--config.optimizer.warmup_steps=2",
+      "--config.model.num_layers=2", "--config.batch_size=16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  for split in ("train", "eval"):
+    for name in ("activation_concentration", "flat_output_share"):
+      for key in (f"{split}/{name}/layer_0", f"{split}/{name}/layer_1",
+                  f"{split}/{name}/mean"):
+        assert 0 <= summary[key] <= 1, key
+    # A unit whose output sits at s_y has its z in the flat region (and nearly only
+    # those: outside it |a - s_y| > 1e-6 unless z is within ~1e-3 of an edge).
+    assert (summary[f"{split}/flat_output_share/mean"]
+            >= summary[f"{split}/activation_concentration/mean"] - 1e-6)
+  assert summary["config"]["sparsity"]["s_shaped_shift_x"] == -1.6
+  tags = _event_tags(str(workdir))
+  assert {"eval/activation_concentration/mean", "train/flat_output_share/mean"} <= tags
