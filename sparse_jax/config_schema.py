@@ -58,6 +58,12 @@ def _common_config() -> ml_collections.ConfigDict:
   # Training-mode sparsity statistics (logging steps only) use the first this many
   # examples of the batch (0 = all): a cost cap, as in the official T5 code (32).
   c.metrics_batch_size = 0
+  # The theory's quantities on logging steps (flatness, activation gradients, spectra of
+  # W1; see sparse_jax/metrics.py). spectral_threshold = t of "nonzero eigenvalue"
+  # lambda > t * mean(lambda); None = 10 min(d_model, d_ff) / max(d_model, d_ff), the
+  # official t = 10 restated for the min-side spectrum (2.5 for ViT-B/16, T5-Base).
+  c.metrics = ml_collections.ConfigDict(dict(
+      theory=True, spectral_threshold=config_dict.placeholder(float)))
 
   # Optimization (AdamW).
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -208,6 +214,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.metrics_batch_size < 0:
     raise ConfigError(f"config.metrics_batch_size={c.metrics_batch_size} must be >= 0.\n"
                       "Fix: pass --config.metrics_batch_size=32 (0 = the whole batch).")
+  t = c.metrics.spectral_threshold
+  if t is not None and not t > 0:
+    raise ConfigError(f"metrics.spectral_threshold={t} must be positive.\n"
+                      "Fix: pass --config.metrics.spectral_threshold=2.5, or leave it "
+                      "unset for 10 * min(d_model, d_ff) / max(d_model, d_ff).")
   if s.weight_noise < 0:
     raise ConfigError(f"sparsity.weight_noise={s.weight_noise} must be >= 0.\n"
                       "Fix: pass --config.sparsity.weight_noise=0.1 (or 0 to disable).")

@@ -111,6 +111,120 @@ def gradient_metrics(probe_grads: Mapping[str, Any],
   return out
 
 
+def _joined_blocks(intermediates: Mapping[str, Any], probe_grads: Mapping[str, Any]
+                   ) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+  """MLP blocks with their sown values (x, a, derivative, w2) and probe gradients
+  (dL/dz as 'eta', dL/dy as 'dy'), joined on the module path."""
+  grads = dict(mlp_blocks(probe_grads, ("z", "y")))
+  return [(p, {**m, "eta": grads[p]["z"], "dy": grads[p]["y"]})
+          for p, m in mlp_blocks(intermediates, ("x", "a", "derivative", "w2"))
+          if p in grads]
+
+
+def _sq_norm(v: jax.Array) -> jax.Array:
+  """Squared norm over the last axis, in float32: [..., d] -> [...]."""
+  return jnp.sum(jnp.square(v.astype(jnp.float32)), axis=-1)
+
+
+def _activation_gradient(m: Mapping[str, jax.Array]) -> jax.Array:
+  """g = dL/da = dL/dy W2^T per token (what W2 sees; no extra probe needed)."""
+  w2 = m["w2"].astype(jnp.float32)
+  return jnp.dot(m["dy"].astype(jnp.float32), w2.T)
+
+
+def _flatness_density(m: Mapping[str, jax.Array], mask: Mask) -> jax.Array:
+  """mean_(t,i) g^2 1[a > 0] ||x_t||^2 / mean_(t,i) g^2 ||x_t||^2."""
+  g2 = jnp.square(_activation_gradient(m))
+  x2 = _sq_norm(m["x"])
+  active = (m["a"] > 0).astype(jnp.float32)
+  masked = masked_mean(jnp.sum(g2 * active, axis=-1) * x2, mask)
+  whole = masked_mean(jnp.sum(g2, axis=-1) * x2, mask)
+  return masked / jnp.maximum(whole, jnp.finfo(jnp.float32).tiny)
+
+
+def flatness_metrics(intermediates: Mapping[str, Any], probe_grads: Mapping[str, Any],
+                     mask: Masks = None) -> dict[str, jax.Array]:
+  """The theory's gradient and flatness quantities per MLP layer (Peng et al.).
+
+  Needs the blocks' sown 'x', 'a', 'derivative', 'w2' and the probe gradients dL/dz
+  (eta) and dL/dy. Per token t (means over real tokens; f' = the activation's
+  derivative, g = dL/da = dL/dy W2^T):
+  * derivative_square: mean over tokens and units of f'(z)^2;
+  * effective_gradient_l1 / _l2: mean of sum_i |eta_ti| / sum_i eta_ti^2;
+  * activation_gradient_norm: mean of ||g_t||^2;
+  * augmented_flatness_key: mean of ||eta_t||^2 ||x_t||^2 (the per-token squared norm
+    of dL/dW1 for a one-token loss), augmented_flatness_value: mean of
+    ||dL/dy_t||^2 ||a_t||^2 (the same for W2);
+  * flatness_density: mean of g_ti^2 1[a_ti > 0] ||x_t||^2 over (t, i) divided by the
+    same mean without the mask, the follow-up paper's density as a ratio of augmented
+    flatness to input norm x activation gradient (for ReLU its numerator is the key).
+  """
+  blocks = _joined_blocks(intermediates, probe_grads)
+  f32 = lambda v: v.astype(jnp.float32)
+  per_token = {
+      "derivative_square": lambda m: jnp.square(f32(m["derivative"])),
+      "effective_gradient_l1": lambda m: jnp.sum(jnp.abs(f32(m["eta"])), axis=-1),
+      "effective_gradient_l2": lambda m: _sq_norm(m["eta"]),
+      "activation_gradient_norm": lambda m: _sq_norm(_activation_gradient(m)),
+      "augmented_flatness_key": lambda m: _sq_norm(m["eta"]) * _sq_norm(m["x"]),
+      "augmented_flatness_value": lambda m: _sq_norm(m["dy"]) * _sq_norm(m["a"]),
+  }
+  out: dict[str, jax.Array] = {}
+  for name, value in per_token.items():
+    out.update(_per_layer(name, blocks, lambda m, k, v=value: masked_mean(v(m), k), mask))
+  out.update(_per_layer("flatness_density", blocks, _flatness_density, mask))
+  return out
+
+
+def default_spectral_threshold(shape: tuple[int, ...]) -> float:
+  """t = 10 min(d_in, d_out) / max(d_in, d_out): the official analysis's t = 10 on the
+  [d_ff, d_ff] Gram matrix (rank d_model, its mean diluted by the structural zeros),
+  restated for the min(d_in, d_out) eigenvalues computed here (2.5 for ViT-B/16 and
+  T5-Base)."""
+  return 10.0 * min(shape) / max(shape)
+
+
+def spectrum(kernel: jax.Array) -> jax.Array:
+  """Eigenvalues (ascending, >= 0) of the Gram matrix of a kernel [d_in, d_out] on its
+  smaller side: the min(d_in, d_out) squared singular values."""
+  w = kernel.astype(jnp.float32)
+  gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+  return jnp.maximum(jnp.linalg.eigvalsh(gram), 0.0)
+
+
+def spectral_values(kernel: jax.Array, threshold: float | None = None
+                    ) -> dict[str, jax.Array]:
+  """Spectral increase and concentration of one kernel W1 [d_in, d_out].
+
+  Returns w1_frobenius_sq = ||W1||_F^2, spectral_nonzero_fraction = share of the
+  eigenvalues lambda (see `spectrum`) above t * mean(lambda), and spectral_ratio =
+  lambda_max / the smallest such eigenvalue (1 when none is above the threshold; its
+  square root is the singular-value ratio). t defaults to `default_spectral_threshold`.
+  """
+  t = default_spectral_threshold(kernel.shape) if threshold is None else threshold
+  lam = spectrum(kernel)
+  nonzero = lam > t * jnp.mean(lam)
+  largest = lam[-1]
+  smallest = jnp.min(jnp.where(nonzero, lam, largest))
+  return {"w1_frobenius_sq": jnp.sum(jnp.square(kernel.astype(jnp.float32))),
+          "spectral_nonzero_fraction": jnp.mean(nonzero.astype(jnp.float32)),
+          "spectral_ratio": largest / jnp.maximum(smallest, jnp.finfo(jnp.float32).tiny)}
+
+
+def spectral_metrics(intermediates: Mapping[str, Any], threshold: float | None = None,
+                     stacks: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+  """`spectral_values` of the 'w1' kernel every MLP block sowed, per layer (per stack
+  if given) and mean: w1_frobenius_sq, spectral_ratio, spectral_nonzero_fraction."""
+  blocks = mlp_blocks(intermediates, ("w1",))
+  masks = None if stacks is None else {s: None for s in stacks}
+  values = [spectral_values(m["w1"], threshold) for _, m in blocks]
+  out: dict[str, jax.Array] = {}
+  for name in ("w1_frobenius_sq", "spectral_ratio", "spectral_nonzero_fraction"):
+    named = [(p, v[name]) for (p, _), v in zip(blocks, values)]
+    out.update(_per_layer(name, named, lambda v, _: v, masks))
+  return out
+
+
 def parameter_metrics(params: Mapping[str, Any],
                       zeroth_bias_path: tuple[str, ...] | str = ("mlp", "zeroth_bias"),
                       norm_scale_path: tuple[str, ...] | str = ("mlp_norm", "scale"),

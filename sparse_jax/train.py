@@ -265,6 +265,11 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
       out.update(metrics.activation_metrics(mutated["intermediates"], masks))
       out.update(metrics.gradient_metrics(probe_grads, masks))
       out.update(metrics.parameter_metrics(params, stacks=task.stacks))
+      if config.metrics.theory:
+        out.update(metrics.flatness_metrics(mutated["intermediates"], probe_grads, masks))
+        out.update(metrics.spectral_metrics(mutated["intermediates"],
+                                            config.metrics.spectral_threshold,
+                                            stacks=task.stacks))
       out.update(s_shaped_metrics(mutated["intermediates"], mask=masks))
       out.update(metrics.gradient_noise_anisotropy(probe_grads))
       out["activation_mixing"] = mixing

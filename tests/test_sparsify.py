@@ -238,11 +238,24 @@ def test_training_with_projections_and_metrics():
         loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, loss,
-            {**metrics.activation_metrics(inter), **metrics.gradient_metrics(probe_grads)})
+            {**metrics.activation_metrics(inter), **metrics.gradient_metrics(probe_grads),
+             **metrics.flatness_metrics(inter, probe_grads),
+             **metrics.spectral_metrics(inter, 0.5)})
 
   losses, densities = [], []
   for step in range(8):
+    before = _flat(params)
     params, opt_state, loss, m = train_step(params, opt_state)
+    # The theory metrics see the user's own Dense kernels and gradients.
+    for i, (block, mlp) in enumerate(MLP_PATHS):
+      w1 = np.asarray(before[(block, mlp, "Dense_0", "kernel")], np.float64)
+      np.testing.assert_allclose(m[f"w1_frobenius_sq/layer_{i}"], np.sum(w1 ** 2),
+                                 rtol=1e-5)
+      assert float(m[f"spectral_ratio/layer_{i}"]) >= 1.0
+    assert 0.0 < float(m["flatness_density/mean"]) < 1.0
+    assert float(m["augmented_flatness_key/mean"]) > 0.0
+    assert float(m["augmented_flatness_value/mean"]) > 0.0
+    assert float(m["derivative_square/mean"]) > 0.0
     losses.append(float(loss))
     densities.append(float(m["activation_density/mean"]))
     assert 0.0 < densities[-1] <= 1.0

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from conftest import REPO, run_cli
+from test_train_e2e import THEORY_METRICS
 
 T5_CONFIG = os.path.join(REPO, "configs", "t5_c4.py")
 # configs/t5_c4.py:tiny at a smaller size: the same code path in seconds.
@@ -63,7 +64,9 @@ def test_tiny_t5_trains_resumes_exactly_and_reports_per_stack_sparsity(
               "eval/derivative_sparsity/decoder/mean", "train/activation_density/mean",
               "train/activation_density/encoder/layer_0",
               "train/gradient_sparsity_1e-06/decoder/mean",
-              "train/zeroth_bias_abs/encoder/mean", "train/norm_scale_abs/decoder/mean"]:
+              "train/zeroth_bias_abs/encoder/mean", "train/norm_scale_abs/decoder/mean",
+              *(f"train/{name}/{part}" for name in THEORY_METRICS
+                for part in ("encoder/layer_0", "encoder/mean", "decoder/mean", "mean"))]:
     assert key in summary, key
   assert 0 < summary["eval/activation_density/mean"] < 1
   # Better than uniform over the 1,152-id vocabulary (ln 1152 = 7.05) after 24 steps.

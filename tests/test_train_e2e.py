@@ -18,6 +18,12 @@ TINY = ["--config.num_steps=40", "--config.log_every=10", "--config.eval_every=2
         "--config.optimizer.warmup_steps=5"]
 
 
+THEORY_METRICS = ("derivative_square", "effective_gradient_l1", "effective_gradient_l2",
+                  "activation_gradient_norm", "augmented_flatness_key",
+                  "augmented_flatness_value", "flatness_density", "w1_frobenius_sq",
+                  "spectral_ratio", "spectral_nonzero_fraction")
+
+
 def _args(workdir, data_dir, cache_dir, variant=""):
   return [f"--config={DEFAULT_CONFIG}{variant}", f"--workdir={workdir}",
           f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}", *TINY]
@@ -61,7 +67,9 @@ def test_train_kill_resume_and_rerun(tmp_path, data_dir, cache_dir):
               "train/activation_density/mean", "eval/activation_density/mean",
               "eval/activation_density/layer_0", "eval/activation_density/layer_1",
               "train/derivative_sparsity/mean", "train/zeroth_bias_abs/mean",
-              "train/norm_scale_abs/mean", "train/learning_rate", "config"]:
+              "train/norm_scale_abs/mean", "train/learning_rate", "config",
+              *(f"train/{name}/{part}" for part in ("layer_0", "layer_1", "mean")
+                for name in THEORY_METRICS)]:
     assert key in summary, key
   assert summary["config"]["sparsity"]["activation"] == "jsrelu"
   assert 0 < summary["eval/activation_density/mean"] < 1
@@ -91,7 +99,8 @@ def test_train_kill_resume_and_rerun(tmp_path, data_dir, cache_dir):
   for tag in ["train/loss", "train/accuracy", "train/learning_rate",
               "train/activation_density/layer_0", "train/activation_density/mean",
               "train/zeroth_bias_abs/mean", "train/norm_scale_abs/mean",
-              "eval/accuracy", "eval/activation_density/mean"]:
+              "eval/accuracy", "eval/activation_density/mean",
+              *(f"train/{name}/mean" for name in THEORY_METRICS)]:
     assert tag in tags, tag
 
   # Rerunning a finished workdir does not retrain and leaves the checkpoints alone.

@@ -7,8 +7,9 @@ either to the MLP input ('mlp_input', the follow-up paper's text) or to its outp
 ('mlp_output', the official code). f is ReLU, J-SquaredReLU or their mixture.
 
 Observation hooks cost nothing unless asked for:
-* `sow('intermediates', 'z' | 'a', ...)` stores pre-activations and activations only
-  when the caller makes 'intermediates' mutable (metric steps);
+* `sow('intermediates', 'z' | 'a' | 'x' | 'derivative' | 'w1' | 'w2', ...)` stores
+  pre-activations, activations, the MLP input, f'(z) and the two kernels only when the
+  caller makes 'intermediates' mutable (metric steps);
 * `perturb('z' | 'y', ...)` adds zero-valued probes whose gradients are dL/dz and dL/dy
   per token, only when the caller passes a 'perturbations' collection.
 """
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 from sparse_jax.nn.dense import WEIGHT_NOISE_RNG, DenseParams
 from sparse_jax.ops import mlp as mlp_op
 from sparse_jax.ops import weight_noise
-from sparse_jax.ops.activations import ActivationName, apply_activation
+from sparse_jax.ops.activations import (Activation, activation_derivative,
+                                         apply_activation)
 
 Dtype = Any
 ZerothBiasPosition = Literal["mlp_input", "mlp_output"]
@@ -33,7 +35,8 @@ class SparseMlp(nn.Module):
 
   Attributes:
     d_ff: hidden width.
-    activation: 'relu', 'jsrelu' or 'mixed' ((1 - k) relu + k jsrelu, k from the call).
+    activation: 'relu', 'jsrelu' or 'mixed' ((1 - k) relu + k jsrelu, k from the call),
+      or an `ops.activations.SShaped` (with `mlp_kernel.impl='xla'`).
     zeroth_bias_position: None (no zeroth bias), 'mlp_input' or 'mlp_output'.
     max_len: rows of the zeroth bias table (longest sequence the block accepts).
     weight_noise: rho of the per-token weight noise, per dense layer ('wi', 'wo').
@@ -43,7 +46,7 @@ class SparseMlp(nn.Module):
     mlp_kernel: how the fused MLP op runs (`impl` 'xla' | 'pallas', tiles, mesh).
   """
   d_ff: int
-  activation: ActivationName = "relu"
+  activation: Activation = "relu"
   zeroth_bias_position: ZerothBiasPosition | None = None
   max_len: int = 0
   weight_noise: tuple[float, float] = (0.0, 0.0)
@@ -87,6 +90,13 @@ class SparseMlp(nn.Module):
       a = apply_activation(self.activation, z, mixing)
       self.sow("intermediates", "z", z)
       self.sow("intermediates", "a", a)
+      # For the theory metrics (`metrics.flatness_metrics`, `spectral_metrics`): the
+      # MLP input, f'(z) and the kernels this call used (LoRA-merged, cast).
+      self.sow("intermediates", "x", jax.lax.stop_gradient(x))
+      self.sow("intermediates", "derivative", activation_derivative(self.activation, z,
+                                                                    mixing))
+      self.sow("intermediates", "w1", jax.lax.stop_gradient(w1))
+      self.sow("intermediates", "w2", jax.lax.stop_gradient(w2))
     keep = None
     if self.dropout_rate > 0 and not deterministic:
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,

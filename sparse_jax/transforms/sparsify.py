@@ -14,7 +14,8 @@ matches (`mlp_rule.MlpRule`; default: classes named `MlpBlock`, `MLPBlock`, `Mlp
 
 * takes the first direct `nn.Dense`'s output z (adding per-token weight noise when the
   'weight_noise' rng is given, and a `perturb('z')` probe), computes a = f(z) with the
-  chosen activation and sows 'z' and 'a' into 'intermediates' on the block;
+  chosen activation and sows 'z', 'a' (and, for the theory metrics, the input 'x',
+  f'(z) as 'derivative' and the kernels 'w1', 'w2') into 'intermediates' on the block;
 * feeds a, passed through the block's own `nn.Dropout` calls if any, to the second
   direct `nn.Dense` in place of whatever the user's activation produced (so ReLU,
   GELU or anything elementwise is replaced), and probes its output with `perturb('y')`;
@@ -42,7 +43,8 @@ import jax.numpy as jnp
 from sparse_jax.nn.dense import WEIGHT_NOISE_RNG
 from sparse_jax.nn.sparse_mlp import ZEROTH_BIAS_POSITIONS, ZerothBiasPosition
 from sparse_jax.ops import weight_noise as noise_ops
-from sparse_jax.ops.activations import ACTIVATIONS, ActivationName, apply_activation
+from sparse_jax.ops.activations import (ACTIVATIONS, ActivationName, activation_derivative,
+                                         apply_activation)
 from sparse_jax.transforms.mlp_rule import Match, MlpRule, mlp_rule
 
 ZEROTH_BIAS = "zeroth_bias"
@@ -110,6 +112,11 @@ class _Interceptor:
       frame.a = apply_activation(self.config.activation, z, self.mixing)
       block.sow("intermediates", "z", z)
       block.sow("intermediates", "a", frame.a)
+      # What SparseMlp sows for the theory metrics: input, f'(z), kernel.
+      block.sow("intermediates", "x", x)
+      block.sow("intermediates", "derivative",
+                activation_derivative(self.config.activation, z, self.mixing))
+      block.sow("intermediates", "w1", _kernel(dense))
       return z  # What the user's activation sees; its result is replaced below.
     if frame.denses == 2:
       if getattr(x, "shape", None) != frame.a.shape:
@@ -119,6 +126,7 @@ class _Interceptor:
                          "elementwise activation (-> Dropout) -> Dense.")
       args, kwargs = _with_input(args, kwargs, frame.a)
       y = self._noise(next_fun(*args, **kwargs), frame.a, dense, block, 1)
+      block.sow("intermediates", "w2", _kernel(dense))
       return block.perturb("y", y)
     return next_fun(*args, **kwargs)  # A third Dense: reported after the block returns.
 
@@ -162,6 +170,13 @@ class _Interceptor:
     if position == "mlp_output":
       out = out + self._zeroth_bias(block, out)
     return out
+
+
+def _kernel(dense: nn.Module) -> jax.Array:
+  """A Dense's kernel as a matrix [inputs, outputs] (DenseGeneral's axes flattened)."""
+  kernel = nn.meta.unbox(dense.variables["params"]["kernel"])
+  return jnp.reshape(kernel, (-1, kernel.shape[-1]) if isinstance(dense, nn.Dense) else
+                     (kernel.shape[0], -1))
 
 
 def _name(module: nn.Module) -> str:
