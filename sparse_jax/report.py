@@ -1,0 +1,557 @@
+"""A study's report from finished run workdirs: tables, verdicts, figures.
+
+  python -m sparse_jax.report DIR [DIR ...] --out OUT
+
+DIRs are run workdirs or folders holding them (searched recursively for config.json).
+Each run's variant and seed come from its config.json; its grid point is the config
+values that differ between the runs of a variant (other than the seed). Writes
+OUT/report.md, OUT/report.html, OUT/summary.json (every number of the tables) and PNG
+figures: training curves (mean +- sd over seeds) of activation density, gradient
+sparsity and the theory metrics where logged, final eval density against eval accuracy
+(T5: eval loss, the token cross-entropy), and per-layer final eval density.
+
+Statistics (sparse_jax/stats.py): mean and sample sd (ddof 1) over seeds; the density
+ratio of each variant to vanilla is the ratio of geometric means with a 95% Welch-t
+interval on the log ratio.
+"""
+import dataclasses
+import html
+import json
+import math
+import re
+import sys
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from sparse_jax import metric_log, stats
+
+CONFIG_FILE, SUMMARY_FILE = "config.json", "summary.json"
+BASELINE = "vanilla"
+VARIANT_ORDER = ("sparsified", "vanilla", "finetune")
+COLORS = {"sparsified": "tab:blue", "vanilla": "tab:orange", "finetune": "tab:green"}
+IGNORED_KEYS = ("seed", "variant", "data_dir")  # Never a grid axis.
+GRADIENT_THRESHOLD = "1e-06"
+THEORY_KEYS = ("train/spectral_ratio/mean", "train/augmented_flatness_key/mean",
+               "train/augmented_flatness_value/mean", "train/flatness_density/mean")
+STATISTIC = ("mean +- sample sd (ddof 1) over seeds; ratio = ratio of geometric means "
+             "of a variant's and vanilla's values, with a 95% Welch-t confidence interval "
+             "on the log ratio")
+
+
+@dataclasses.dataclass
+class RunData:
+  path: str
+  config: dict[str, Any]
+  summary: dict[str, Any] | None   # None: not finished.
+  history: list[dict[str, Any]]
+  point: str = "base"
+  grid: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def variant(self) -> str:
+    return str(self.config.get("variant", "?"))
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.get("seed", 0))
+
+  @property
+  def is_t5(self) -> bool:
+    return self.config.get("model", {}).get("name") == "t5"
+
+
+# ----------------------------------------------------------------------------- loading
+def _run_dirs(path: epath.Path):
+  if (path / CONFIG_FILE).exists():
+    yield path  # A run: not searched further (checkpoints, exports).
+    return
+  if path.is_dir():
+    for child in sorted(path.iterdir(), key=lambda p: p.name):
+      if child.is_dir():
+        yield from _run_dirs(child)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+  return out
+
+
+def _sort_key(value):
+  return (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
+
+
+def load_runs(dirs: list[str]) -> list[RunData]:
+  runs, seen = [], set()
+  for d in dirs:
+    root = epath.Path(d)
+    if not root.exists():
+      raise FileNotFoundError(f"{d} does not exist.")
+    for path in _run_dirs(root):
+      if str(path) in seen:
+        continue
+      seen.add(str(path))
+      config = json.loads((path / CONFIG_FILE).read_text())
+      summary_path = path / SUMMARY_FILE
+      summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+      if summary is not None and summary.get("step") != config.get("num_steps"):
+        summary = None
+      history = list(metric_log.read(path / metric_log.FILE))
+      runs.append(RunData(str(path), config, summary, history))
+  assign_points(runs)
+  return runs
+
+
+def assign_points(runs: list[RunData]) -> list[str]:
+  """Sets each run's grid point from the config keys that differ within a variant."""
+  flat = [_flatten(r.config) for r in runs]
+  keys = set()
+  for variant in {r.variant for r in runs}:
+    group = [f for f, r in zip(flat, runs) if r.variant == variant]
+    for k in set().union(*group):
+      if k not in IGNORED_KEYS and len({json.dumps(f.get(k)) for f in group}) > 1:
+        keys.add(k)
+  keys = sorted(keys)
+  for f, r in zip(flat, runs):
+    r.grid = {k: f.get(k) for k in keys}
+    r.point = ",".join(f"{k}={_fmt_value(v)}" for k, v in r.grid.items()) or "base"
+  return keys
+
+
+def _fmt_value(v) -> str:
+  return json.dumps(v) if not isinstance(v, (str, int, float)) else str(v)
+
+
+def _ordered_points(runs: list[RunData]) -> list[str]:
+  by_point = {}
+  for r in runs:
+    by_point.setdefault(r.point, tuple(_sort_key(v) for v in r.grid.values()))
+  return sorted(by_point, key=lambda p: by_point[p])
+
+
+def _ordered_variants(runs: list[RunData]) -> list[str]:
+  present = {r.variant for r in runs}
+  return [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER))
+
+
+# ----------------------------------------------------------------------------- numbers
+def table_metrics(runs: list[RunData]) -> list[tuple[str, str]]:
+  """(key, label) of the table's columns, those present in the summaries."""
+  t5 = any(r.is_t5 for r in runs)
+  cols = [("eval/accuracy", "eval accuracy"),
+          ("eval/loss", "eval loss (token CE)" if t5 else "eval loss"),
+          ("eval/activation_density/mean", "eval density")]
+  for stack in ("encoder", "decoder"):
+    cols.append((f"eval/activation_density/{stack}/mean", f"eval density {stack}"))
+  cols.append(("wall_time_s", "wall time (s)"))
+  keys = set().union(*(r.summary.keys() for r in runs if r.summary))
+  return [(k, label) for k, label in cols if k in keys]
+
+
+def density_metrics(columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+  return [(k, label) for k, label in columns if k.startswith("eval/activation_density/")]
+
+
+def _agg(values: list[float]) -> dict[str, Any]:
+  mean, sd = stats.mean_sd(values)
+  return {"n": len(values), "mean": _num(mean), "sd": _num(sd), "values": values}
+
+
+def _num(x: float) -> float | None:
+  return None if x is None or math.isnan(x) else float(x)
+
+
+def summarize(runs: list[RunData]) -> dict[str, Any]:
+  """Every number of the report, machine-readable."""
+  done = [r for r in runs if r.summary]
+  columns = table_metrics(done) if done else []
+  points = {}
+  for point in _ordered_points(done):
+    in_point = [r for r in done if r.point == point]
+    variants = {}
+    for variant in _ordered_variants(in_point):
+      group = sorted((r for r in in_point if r.variant == variant), key=lambda r: r.seed)
+      variants[variant] = {
+          "n": len(group), "seeds": [r.seed for r in group],
+          "runs": [r.path for r in group],
+          "metrics": {k: _agg([float(r.summary[k]) for r in group if k in r.summary])
+                      for k, _ in columns}}
+    comparisons = []
+    if BASELINE in variants:
+      base = variants[BASELINE]
+      for variant, entry in variants.items():
+        if variant == BASELINE:
+          continue
+        for key, label in density_metrics(columns):
+          num, den = entry["metrics"][key]["values"], base["metrics"][key]["values"]
+          ci = stats.welch_ratio_ci(num, den)
+          comparisons.append({
+              "metric": key, "label": label, "numerator": variant, "denominator": BASELINE,
+              "ratio": _num(ci.ratio), "ci_low": ci.low, "ci_high": ci.high,
+              "ci_level": ci.level, "df": ci.df, "n": [ci.n_num, ci.n_den],
+              "sd": [entry["metrics"][key]["sd"], base["metrics"][key]["sd"]],
+              "verdict": stats.verdict(ci, f"{variant} {label}")})
+    points[point] = {"grid": in_point[0].grid, "variants": variants,
+                     "comparisons": comparisons}
+  walls = [float(r.summary["wall_time_s"]) for r in done if "wall_time_s" in r.summary]
+  return {
+      "statistic": STATISTIC,
+      "columns": [{"key": k, "label": label} for k, label in columns],
+      "points": points,
+      "wall_time_s": {"total": float(sum(walls)), "mean_per_run": _num(
+          float(np.mean(walls)) if walls else math.nan), "n": len(walls)},
+      "runs": [{"path": r.path, "point": r.point, "variant": r.variant, "seed": r.seed,
+                "finished": r.summary is not None,
+                "step": (r.summary or {}).get("step"),
+                "wall_time_s": (r.summary or {}).get("wall_time_s"),
+                "metrics_lines": len(r.history)} for r in runs],
+      "unfinished": [r.path for r in runs if r.summary is None],
+  }
+
+
+# ----------------------------------------------------------------------------- figures
+def _natural(name: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _panel_order(suffixes: set[str]) -> list[str]:
+  """'mean' first, then stack means, then layers (stack by stack)."""
+  def rank(s):
+    parts = s.split("/")
+    return (0 if s == "mean" else 1 if parts[-1] == "mean" else 2, _natural(s))
+  return sorted(suffixes, key=rank)
+
+
+def _curves(runs: list[RunData], key: str) -> dict[str, tuple[np.ndarray, ...]]:
+  """variant -> (steps, mean, sd) of `key` over the runs' metrics.jsonl (steps any run
+  logged; sd 0 where only one seed has the step)."""
+  out = {}
+  for variant in _ordered_variants(runs):
+    by_step: dict[int, list[float]] = {}
+    for r in runs:
+      if r.variant != variant:
+        continue
+      for rec in r.history:
+        if key in rec and rec[key] is not None and np.isfinite(rec[key]):
+          by_step.setdefault(rec["step"], []).append(float(rec[key]))
+    if by_step:
+      steps = np.array(sorted(by_step))
+      vals = [by_step[s] for s in steps]
+      mean = np.array([np.mean(v) for v in vals])
+      sd = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])
+      out[variant] = (steps, mean, sd)
+  return out
+
+
+def _plt():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _curve_figure(runs, panels: list[tuple[str, str]], ylabel: str, title: str,
+                  path: epath.Path) -> bool:
+  """One panel per (key, panel title) with a mean +- sd band per variant."""
+  data = [(k, t, _curves(runs, k)) for k, t in panels]
+  data = [(k, t, c) for k, t, c in data if c]
+  if not data:
+    return False
+  plt = _plt()
+  cols = min(4, len(data))
+  rows = math.ceil(len(data) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+  for ax, (_, panel_title, curves) in zip(axes.flat, data):
+    for variant, (steps, mean, sd) in curves.items():
+      n = len({r.seed for r in runs if r.variant == variant})
+      color = COLORS.get(variant)
+      ax.plot(steps, mean, color=color, label=f"{variant} (n={n})", marker=".")
+      ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.2, linewidth=0)
+    ax.set_title(panel_title, fontsize=10)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(data):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=8)
+  fig.suptitle(f"{title} (mean \u00b1 sd over seeds)")
+  fig.tight_layout()
+  fig.savefig(str(path), dpi=110)
+  plt.close(fig)
+  return True
+
+
+def _family_panels(runs, prefix: str) -> list[tuple[str, str]]:
+  suffixes = {k[len(prefix):] for r in runs for rec in r.history for k in rec
+              if k.startswith(prefix)}
+  return [(prefix + s, s.replace("/", " ")) for s in _panel_order(suffixes)]
+
+
+def _safe(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
+def curve_figures(runs: list[RunData], out: epath.Path) -> list[tuple[str, str]]:
+  """(file name, caption) of the training-curve figures, per grid point."""
+  figures = []
+  points = _ordered_points(runs)
+  for point in points:
+    group = [r for r in runs if r.point == point]
+    tag = "" if len(points) == 1 else f"_{_safe(point)}"
+    where = "" if len(points) == 1 else f", {point}"
+    specs = [
+        ("activation_density", "train/activation_density/",
+         "activation density\n(share of units with a > 0)", "Activation density in training"),
+        ("gradient_sparsity", f"train/gradient_sparsity_{GRADIENT_THRESHOLD}/",
+         "gradient sparsity\n(share of |dL/dz| < 1e-6)",
+         "Effective gradient sparsity in training"),
+    ]
+    for name, prefix, ylabel, title in specs:
+      file = f"{name}{tag}.png"
+      if _curve_figure(group, _family_panels(group, prefix), ylabel, title + where,
+                       out / file):
+        figures.append((file, title + where))
+    keys = {k for r in group for rec in r.history for k in rec}
+    theory = [(k, k.removeprefix("train/")) for k in THEORY_KEYS if k in keys]
+    if "train/flatness_density/mean" in keys and "train/activation_density/mean" in keys:
+      theory.append(("train/activation_density/mean", "activation_density/mean"))
+    file = f"theory{tag}.png"
+    if theory and _curve_figure(group, theory, "value", "Theory metrics" + where,
+                                out / file):
+      figures.append((file, "Theory metrics in training" + where))
+  return figures
+
+
+def scatter_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | None:
+  done = [r for r in runs if r.summary and "eval/activation_density/mean" in r.summary]
+  if not done:
+    return None
+  t5 = any(r.is_t5 for r in done)
+  ykey, ylabel = (("eval/loss", "eval loss (token cross-entropy)") if t5 else
+                  ("eval/accuracy", "eval accuracy"))
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  points = _ordered_points(done)
+  markers = "osD^v<>px*"
+  for pi, point in enumerate(points):
+    for variant in _ordered_variants(done):
+      group = [r for r in done if r.point == point and r.variant == variant and ykey in r.summary]
+      if not group:
+        continue
+      label = variant if len(points) == 1 else f"{variant}, {point}"
+      ax.scatter([r.summary["eval/activation_density/mean"] for r in group],
+                 [r.summary[ykey] for r in group], color=COLORS.get(variant),
+                 marker=markers[pi % len(markers)], label=label, s=40, alpha=0.8)
+  ax.set_xlabel("final eval activation density (share of units with a > 0)")
+  ax.set_ylabel(ylabel)
+  ax.set_title(f"Final eval density vs {ylabel.split(' (')[0]} (one point per run)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  file = "density_vs_loss.png" if t5 else "density_vs_accuracy.png"
+  fig.savefig(str(out / file), dpi=110)
+  plt.close(fig)
+  return file, f"Final eval density vs {ylabel}"
+
+
+def layer_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | None:
+  done = [r for r in runs if r.summary]
+  prefix = "eval/activation_density/"
+  layers = _panel_order({k[len(prefix):] for r in done for k in r.summary
+                         if k.startswith(prefix) and "layer_" in k})
+  if not layers:
+    return None
+  plt = _plt()
+  points = _ordered_points(done)
+  fig, axes = plt.subplots(len(points), 1, figsize=(max(6, 0.9 * len(layers) + 2),
+                                                    3.6 * len(points)), squeeze=False)
+  for ax, point in zip(axes[:, 0], points):
+    variants = _ordered_variants([r for r in done if r.point == point])
+    width = 0.8 / max(len(variants), 1)
+    x = np.arange(len(layers))
+    for vi, variant in enumerate(variants):
+      group = [r for r in done if r.point == point and r.variant == variant]
+      agg = [stats.mean_sd([r.summary[prefix + l] for r in group if prefix + l in r.summary])
+             for l in layers]
+      means = [m for m, _ in agg]
+      sds = [0.0 if math.isnan(s) else s for _, s in agg]
+      ax.bar(x + (vi - (len(variants) - 1) / 2) * width, means, width, yerr=sds,
+             capsize=3, color=COLORS.get(variant), label=f"{variant} (n={len(group)})")
+    ax.set_xticks(x)
+    ax.set_xticklabels([l.replace("/", "\n") for l in layers], fontsize=8)
+    ax.set_ylabel("eval activation density")
+    ax.set_title("Final eval density per layer (mean \u00b1 sd over seeds)"
+                 + ("" if len(points) == 1 else f", {point}"), fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(str(out / "layer_density.png"), dpi=110)
+  plt.close(fig)
+  return "layer_density.png", "Final eval density per layer"
+
+
+# ----------------------------------------------------------------------------- rendering
+def _pm(entry: dict[str, Any], key: str) -> str:
+  m = entry["metrics"].get(key)
+  if not m or m["mean"] is None:
+    return "-"
+  digits = 1 if key == "wall_time_s" else 4
+  sd = "" if m["sd"] is None else f" \u00b1 {m['sd']:.{digits}f}"
+  return f"{m['mean']:.{digits}f}{sd}"
+
+
+def _blocks(summary: dict[str, Any], figures: list[tuple[str, str]],
+            title: str) -> list[tuple[str, Any]]:
+  """The report as (kind, content) blocks: 'h1', 'h2', 'p', 'table', 'list', 'img'."""
+  cols = [(c["key"], c["label"]) for c in summary["columns"]]
+  blocks = [("h1", title)]
+  runs = summary["runs"]
+  finished = [r for r in runs if r["finished"]]
+  wall = summary["wall_time_s"]
+  blocks.append(("p", f"{len(finished)} finished run(s) of {len(runs)} found. Wall time: "
+                      f"{wall['total']:.0f} s in all, {wall['mean_per_run'] or 0:.1f} s per "
+                      "run on average (each run's own summary.json)."))
+  if summary["unfinished"]:
+    blocks.append(("p", "Not finished (left out): " + ", ".join(summary["unfinished"])))
+  blocks.append(("p", f"Statistics: {summary['statistic']}."))
+  if not summary["points"]:
+    return blocks
+  blocks.append(("h2", "Results"))
+  header = ["point", "variant", "n", "seeds"] + [label for _, label in cols]
+  rows = []
+  for point, p in summary["points"].items():
+    for variant, entry in p["variants"].items():
+      rows.append([point, variant, str(entry["n"]),
+                   ",".join(map(str, entry["seeds"]))] + [_pm(entry, k) for k, _ in cols])
+  blocks.append(("table", (header, rows)))
+  comparisons = [(point, c) for point, p in summary["points"].items()
+                 for c in p["comparisons"]]
+  if comparisons:
+    blocks.append(("h2", f"Density ratio to {BASELINE}"))
+    header = ["point", "metric", "ratio", "95% CI", "n", "sd (each variant)"]
+    rows = []
+    for point, c in comparisons:
+      ci = ("-" if c["ci_low"] is None else f"{c['ci_low']:.3f} - {c['ci_high']:.3f}")
+      sd = " / ".join("-" if s is None else f"{s:.4f}" for s in c["sd"])
+      rows.append([point, f"{c['label']}: {c['numerator']} / {c['denominator']}",
+                   "-" if c["ratio"] is None else f"{c['ratio']:.3f}", ci,
+                   f"{c['n'][0]} + {c['n'][1]}", sd])
+    blocks.append(("table", (header, rows)))
+    verdicts = []
+    for point, c in comparisons:
+      sd = ", ".join(f"{'-' if s is None else f'{s:.4f}'} ({v})"
+                     for s, v in zip(c["sd"], (c["numerator"], c["denominator"])))
+      where = "" if point == "base" else f"{point}: "
+      verdicts.append(f"{where}{c['verdict'][0].upper()}{c['verdict'][1:]}; "
+                      f"seed-to-seed sd {sd}.")
+    blocks.append(("list", verdicts))
+  if figures:
+    blocks.append(("h2", "Figures"))
+    for file, caption in figures:
+      blocks.append(("img", (file, caption)))
+  return blocks
+
+
+def render_markdown(blocks) -> str:
+  lines = []
+  for kind, content in blocks:
+    if kind in ("h1", "h2"):
+      lines += [("# " if kind == "h1" else "## ") + content, ""]
+    elif kind == "p":
+      lines += [content, ""]
+    elif kind == "list":
+      lines += [f"- {item}" for item in content] + [""]
+    elif kind == "table":
+      header, rows = content
+      lines.append("| " + " | ".join(header) + " |")
+      lines.append("|" + "|".join(" --- " for _ in header) + "|")
+      lines += ["| " + " | ".join(row) + " |" for row in rows]
+      lines.append("")
+    elif kind == "img":
+      file, caption = content
+      lines += [f"![{caption}]({file})", ""]
+  return "\n".join(lines)
+
+
+def render_html(blocks) -> str:
+  e = html.escape
+  body = []
+  for kind, content in blocks:
+    if kind in ("h1", "h2"):
+      body.append(f"<{kind}>{e(content)}</{kind}>")
+    elif kind == "p":
+      body.append(f"<p>{e(content)}</p>")
+    elif kind == "list":
+      body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in content) + "</ul>")
+    elif kind == "table":
+      header, rows = content
+      body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+                  + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
+                            for row in rows) + "</table>")
+    elif kind == "img":
+      file, caption = content
+      body.append(f'<figure><img src="{e(file)}" alt="{e(caption)}">'
+                  f"<figcaption>{e(caption)}</figcaption></figure>")
+  style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+           "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:3px 8px}"
+           "img{max-width:100%}")
+  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sparse_jax report"
+          f"</title><style>{style}</style></head><body>\n" + "\n".join(body)
+          + "\n</body></html>\n")
+
+
+def write_report(dirs: list[str], out: str, title: str = "sparse_jax study report",
+                 runs: list[RunData] | None = None) -> str:
+  """Reads the runs under `dirs` (or takes `runs`, loaded from them) and writes the
+  report into `out`; returns `out`."""
+  runs = load_runs(dirs) if runs is None else runs
+  root = epath.Path(out)
+  root.mkdir(parents=True, exist_ok=True)
+  summary = summarize(runs)
+  done = [r for r in runs if r.summary]
+  figures = curve_figures(done, root) if done else []
+  for extra in (scatter_figure(runs, root), layer_figure(runs, root)):
+    if extra:
+      figures.append(extra)
+  summary["figures"] = [f for f, _ in figures]
+  blocks = _blocks(summary, figures, title)
+  (root / "report.md").write_text(render_markdown(blocks))
+  (root / "report.html").write_text(render_html(blocks))
+  (root / "summary.json").write_text(json.dumps(summary, indent=2))
+  return str(root)
+
+
+def main(argv: list[str] | None = None) -> None:
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from sparse_jax import cli  # pylint: disable=import-outside-toplevel
+  out = flags.DEFINE_string("out", None, "Folder for report.md, report.html, summary.json "
+                            "and the figures.")
+
+  def run(argv):
+    dirs = argv[1:]
+    if not dirs:
+      cli.fail("No run directories given.\nFix: python -m sparse_jax.report DIR [DIR ...] "
+               "--out OUT (DIR: run workdirs or folders holding them).")
+    if not out.value:
+      cli.fail("No --out given.\nFix: pass --out=/path/to/report_dir.")
+    try:
+      runs = load_runs(dirs)
+    except FileNotFoundError as e:
+      cli.fail(f"{e}\nFix: pass run workdirs or folders holding them.")
+    if not runs:
+      cli.fail(f"No runs (config.json) found under {', '.join(dirs)}.\n"
+               "Fix: pass run workdirs or folders holding them.")
+    path = write_report(dirs, out.value, runs=runs)
+    print(epath.Path(path) / "report.md")
+
+  app.run(run, argv=argv or sys.argv)
+
+
+if __name__ == "__main__":
+  main()
