@@ -10,12 +10,14 @@ cluster, several processes on one machine) pass --coordinator_address,
 """
 import logging as std_logging
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sparse_jax import distributed
+from sparse_jax.cli import fail as _fail
+from sparse_jax.cli import flag_error_message as _flag_error_message
+from sparse_jax.cli import show_progress as _show_progress
 from sparse_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,25 +49,6 @@ _PROCESS_ID = flags.DEFINE_integer(
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", distributed.DEFAULT_TIMEOUT_S, "Multi-process runs: "
     "seconds to wait for the coordinator and all processes to connect.")
-
-
-def _fail(message: str) -> None:
-  print(f"sparse_jax: error: {message}", file=sys.stderr)
-  sys.exit(1)
-
-
-def _show_progress() -> None:
-  """Progress lines from the 'sparse_jax' logger on stderr; library chatter (orbax,
-  absl) stays at warnings."""
-  progress = std_logging.getLogger("sparse_jax")
-  if not progress.handlers:
-    handler = std_logging.StreamHandler()
-    handler.setFormatter(std_logging.Formatter("[sparse_jax %(asctime)s] %(message)s",
-                                               "%H:%M:%S"))
-    progress.addHandler(handler)
-  progress.setLevel(std_logging.INFO)
-  progress.propagate = False
-  logging.set_verbosity(logging.WARNING)
 
 
 def _distributed_options() -> distributed.Options:
@@ -117,30 +100,6 @@ def main(argv) -> None:
     train.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, train.NonFiniteLossError) as e:
     _fail(str(e))
-
-
-def _flag_error_message(error: Exception) -> str:
-  """A two-line problem/fix message for errors raised while flags and config load."""
-  text = str(error)
-  marker = f"{ConfigError.__module__}.{ConfigError.__name__}: "
-  if marker in text:  # Our own ConfigError from a config file's get_config().
-    return text.split(marker)[-1].strip()
-  if isinstance(error, flags.UnrecognizedFlagError) and "'config." in text:
-    key = text.split("'config.", 1)[1].rstrip("'")
-    return (f"Unknown config key {key!r}.\nFix: remove --config.{key}, or use a key the "
-            "config defines (--dry_run prints the whole config).")
-  if isinstance(error, (AttributeError, KeyError)):  # An override of an unknown key.
-    key = text.strip("'\"").split("'")[0]
-    given = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a]
-    return (f"Unknown config key {key!r} in {' '.join(given) or 'a --config.* override'}."
-            "\nFix: remove that override, or use a key the config defines (--dry_run "
-            "prints the whole config).")
-  if isinstance(error, OSError) and "Failed loading config file" in text:
-    return (f"Could not load the config file: {text.splitlines()[-1].strip()}\n"
-            "Fix: pass --config=configs/default.py (a path relative to the current "
-            "directory, optionally with ':variant').")
-  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-  return f"{first}\nFix: see --helpshort for the flags and their values."
 
 
 def _load_config():
