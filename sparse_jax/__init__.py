@@ -17,7 +17,7 @@ The method in your own Flax Linen model (names resolve lazily, see below):
       per-step weight noise for any apply function (`transforms.weight_noise`).
   find_mlp_blocks(model, *args), mlp_kernel_predicate(paths)
       the matched blocks' paths and a predicate on their kernels (`transforms.mlp_rule`).
-  metrics                      activation / gradient / parameter metrics from sown
+  metrics                      activation / gradient / parameter / theory metrics from sown
       intermediates, probe gradients and params (`sparse_jax.metrics`).
   lora                         LoRA on any params tree: add_adapters, merge (W + A B / r,
       also the export), trainable_labels for optax.multi_transform
