@@ -12,7 +12,7 @@ from ml_collections import config_dict
 from sparse_jax.errors import ConfigError
 
 VARIANTS = ("sparsified", "vanilla", "finetune")
-MODELS = ("vit", "t5")
+MODELS = ("vit", "t5", "residual_mlp")
 
 
 def _common_config() -> ml_collections.ConfigDict:
@@ -69,6 +69,7 @@ def _common_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, weight_decay=0.3,
       weight_decay_exclude="",   # Regex on '/'-joined param paths exempt from decay ('' = none).
+      name="adamw",              # 'adamw' | 'sgd' (plain SGD; weight decay as L2 in the gradient)
       b1=0.9, b2=0.999, grad_clip_norm=1.0,
       schedule="cosine",         # 'cosine' | 'constant' | 'inverse_sqrt'
       warmup_steps=50))
@@ -110,6 +111,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def residual_mlp_config() -> ml_collections.ConfigDict:
+  """Defaults of the residual LayerNorm MLP (the papers' spectral-concentration model)
+  on the digits: image experiments' keys with `model` = its width and block count."""
+  c = base_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name="residual_mlp", width=64, num_blocks=4, dtype="float32"))
+  apply_variant(c, "vanilla")  # Plain ReLU blocks: none of the sparsity modules.
+  return c
+
+
 def t5_config() -> ml_collections.ConfigDict:
   """Defaults of text experiments: T5-Base v1.0 on C4 with span corruption."""
   c = _common_config()
@@ -133,6 +144,8 @@ def t5_config() -> ml_collections.ConfigDict:
 
 def defaults_for(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The schema's defaults for the kind of model `c` configures."""
+  if c.model.name == "residual_mlp":
+    return residual_mlp_config()
   return t5_config() if c.model.name == "t5" else base_config()
 
 
@@ -199,11 +212,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("sparsity.projection_timing", s.projection_timing,
           ("after_update", "before_update"))
   _choice("optimizer.schedule", o.schedule, ("cosine", "constant", "inverse_sqrt"))
+  _choice("optimizer.name", o.get("name", "adamw"), ("adamw", "sgd"))
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
   _choice("model.name", m.name, MODELS)
   _validate_mlp_kernel(c)
   if m.name == "vit":
     _validate_vit(c)
+  elif m.name == "residual_mlp":
+    _validate_residual_mlp(c)
   else:
     _validate_t5(c)
   for key in ("num_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
@@ -293,6 +309,23 @@ def _validate_vit(c: ml_collections.ConfigDict) -> None:
   if m.hidden_size % m.num_heads:
     raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                       f"model.num_heads={m.num_heads}.\nFix: change one of them.")
+
+
+def _validate_residual_mlp(c: ml_collections.ConfigDict) -> None:
+  m, s = c.model, c.sparsity
+  for key in ("width", "num_blocks"):
+    if m[key] <= 0:
+      raise ConfigError(f"model.{key}={m[key]} must be positive.\n"
+                        f"Fix: pass --config.model.{key}=<a positive integer>.")
+  modules = {"sparsity.activation": (s.activation, "relu"),
+             "sparsity.zeroth_bias_position": (s.zeroth_bias_position, "none"),
+             "sparsity.restricted_norm": (s.restricted_norm, False),
+             "sparsity.weight_noise": (s.weight_noise, 0.0)}
+  for key, (value, plain) in modules.items():
+    if value != plain:
+      raise ConfigError(f"model.name='residual_mlp' has plain ReLU blocks without the "
+                        f"sparsity modules, but config.{key}={value!r}.\n"
+                        f"Fix: pass --config.{key}={plain} (or use model.name='vit').")
 
 
 def _validate_t5(c: ml_collections.ConfigDict) -> None:

@@ -34,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_height", None),
     ("patch_width", None),
     ("channels", None),
+    ("pixels", None),  # Flattened image input (the residual MLP's first layer).
 )
 
 

@@ -91,7 +91,8 @@ class SpanCorruption:
 
 
 Task = ImageClassification | SpanCorruption
-TASKS: dict[str, Any] = {"vit": ImageClassification, "t5": SpanCorruption}
+TASKS: dict[str, Any] = {"vit": ImageClassification, "t5": SpanCorruption,
+                         "residual_mlp": ImageClassification}
 
 
 def task_for(config: ml_collections.ConfigDict) -> Task:

@@ -81,9 +81,10 @@ def _path_name(path) -> str:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Gradient clipping + AdamW (decay masked by `weight_decay_exclude`), restricted to
-  the LoRA factors and `finetune.trainable` params when finetuning with either (the
-  rest frozen, without optimizer state), wrapped with the sparsity projections."""
+  """Gradient clipping + AdamW or SGD (`optimizer.name`; decay masked by
+  `weight_decay_exclude`), restricted to the LoRA factors and `finetune.trainable`
+  params when finetuning with either (the rest frozen, without optimizer state),
+  wrapped with the sparsity projections."""
   o = config.optimizer
   regex = re.compile(o.weight_decay_exclude) if o.weight_decay_exclude else None
 
@@ -95,8 +96,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   chain = []
   if o.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  chain.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2,
-                           weight_decay=o.weight_decay, mask=decay_mask))
+  if o.get("name", "adamw") == "sgd":
+    # As torch.optim.SGD's weight_decay (the residual-MLP experiment's optimizer):
+    # wd * w added to the gradient before the step.
+    if o.weight_decay:
+      chain.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
+    chain.append(optax.sgd(learning_rate_schedule(config)))
+  else:
+    chain.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2,
+                             weight_decay=o.weight_decay, mask=decay_mask))
   s = config.sparsity
   if s.restricted_norm and s.norm_projection == "uplift":
     # Finetuning's restricted LayerNorm keeps its pretrained bias but does not train it.

@@ -187,3 +187,144 @@ def test_s_shaped_config_end_to_end(tmp_path, data_dir, cache_dir):
   assert summary["config"]["sparsity"]["s_shaped_shift_x"] == -1.6
   tags = _event_tags(str(workdir))
   assert {"eval/activation_concentration/mean", "train/flat_output_share/mean"} <= tags
+
+
+def _residual_config(width=8):
+  from configs import validation_spectral  # pylint: disable=g-import-not-at-top
+  c = validation_spectral.get_config(str(width))
+  config_schema.validate(c)
+  return c
+
+
+def test_residual_mlp_structure_axes_and_observations():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from sparse_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  c = _residual_config(8)
+  model = build_model(c)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 8, 8, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images, train=False)
+  shapes = jax.tree.map(lambda p: p.value.shape, variables["params"],
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert shapes["input"] == {"kernel": (192, 8), "bias": (8,)}
+  assert shapes["head"] == {"kernel": (8, 10), "bias": (10,)}
+  # 4 blocks, each only its hidden Linear: the LayerNorm has no scale and no bias.
+  assert sorted(k for k in shapes if k.startswith("block_")) == [f"block_{i}" for i in
+                                                                  range(4)]
+  assert shapes["block_3"] == {"hidden": {"kernel": (8, 8), "bias": (8,)}}
+  for leaf in jax.tree.leaves(variables["params"],
+                              is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    assert isinstance(leaf, nn.Partitioned) and all(leaf.names)
+  params = nn.unbox(variables["params"])
+  logits = model.apply({"params": params}, images)
+  assert logits.shape == (5, 10)
+  # Independent forward in numpy: z <- relu(LN(z) W + b) + z, LN without affine.
+  z = np.asarray(images).reshape(5, -1) @ params["input"]["kernel"] + params["input"]["bias"]
+  for i in range(4):
+    h = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-6)
+    block = params[f"block_{i}"]["hidden"]
+    z = np.maximum(h @ block["kernel"] + block["bias"], 0) + z
+  np.testing.assert_allclose(logits, z @ params["head"]["kernel"] + params["head"]["bias"],
+                             rtol=1e-4, atol=1e-5)
+  # Observations only when asked for; probe shapes when collected.
+  _, plain = model.apply({"params": params}, images, mutable=["intermediates"])
+  block = plain["intermediates"]["block_2"]
+  assert set(block) == {"z", "a", "w1"}
+  np.testing.assert_array_equal(block["w1"][0], params["block_2"]["hidden"]["kernel"])
+  np.testing.assert_array_equal(block["a"][0], np.maximum(block["z"][0], 0))
+  _, probes = model.apply({"params": params}, images, mutable=["perturbations"])
+  assert {k: v["block_output"].shape for k, v in probes["perturbations"].items()} == {
+      f"block_{i}": (5, 8) for i in range(4)}
+
+
+def test_residual_mlp_train_step_anisotropy_matches_per_example_gradients():
+  """The metric step's anisotropy = numpy's on per-example gradients taken with vmap."""
+  from sparse_jax import train  # pylint: disable=g-import-not-at-top
+  c = _residual_config(8)
+  c.batch_size = 6
+  c.mesh_shape = (1, 1, 1)
+  exp = train.build_experiment(c, train.sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = train.init_state(exp)
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32)
+  labels = jax.nn.one_hot(jnp.asarray(rng.integers(0, 10, 6)), 10)
+  batch = {"image": images, "label": labels}
+  params = jax.tree.map(np.asarray, state.params)
+  _, probes = exp.model.apply({"params": params}, images[:1], mutable=["perturbations"])
+  zeros = jax.tree.map(jnp.zeros_like, probes["perturbations"])
+
+  def example_loss(probe, image, label):
+    logits = exp.model.apply({"params": params, "perturbations": probe}, image[None])
+    return -jnp.sum(label * jax.nn.log_softmax(logits[0]))
+
+  per_example = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(zeros, images,
+                                                                       labels)
+  step = train.make_train_step(exp, with_metrics=True)
+  _, out = step(state, batch)
+  ratios = []
+  for i in range(4):
+    g = np.asarray(per_example[f"block_{i}"]["block_output"])[:, 0]  # [B, width]
+    eig = np.linalg.eigvalsh(np.cov(g, rowvar=False))
+    ratios.append(eig[-1] / eig.mean())
+    np.testing.assert_allclose(out[f"gradient_noise_anisotropy/layer_{i}"], ratios[-1],
+                               rtol=2e-3)
+  np.testing.assert_allclose(out["gradient_noise_anisotropy/mean"], np.mean(ratios),
+                             rtol=2e-3)
+  assert 0 < out["activation_density/mean"] < 1
+
+
+def test_sgd_optimizer_step_with_l2_weight_decay():
+  import optax  # pylint: disable=g-import-not-at-top
+  from sparse_jax import train  # pylint: disable=g-import-not-at-top
+  c = _residual_config(8)
+  c.optimizer.weight_decay = 0.1
+  tx = train.make_optimizer(c)
+  params = {"w": jnp.array([1.0, -2.0])}
+  grads = {"w": jnp.array([0.5, 0.5])}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # torch.optim.SGD: w - lr * (g + wd * w), lr 1e-3.
+  np.testing.assert_allclose(optax.apply_updates(params, updates)["w"],
+                             [1.0 - 1e-3 * 0.6, -2.0 - 1e-3 * 0.3], rtol=1e-6)
+
+
+def test_residual_mlp_and_optimizer_config_errors():
+  from configs import validation_spectral  # pylint: disable=g-import-not-at-top
+  c = _residual_config(8)
+  c.optimizer.name = "adam"
+  with pytest.raises(ConfigError, match="optimizer.name"):
+    config_schema.validate(c)
+  c = _residual_config(8)
+  c.sparsity.activation = "jsrelu"
+  with pytest.raises(ConfigError) as error:
+    config_schema.validate(c)
+  assert str(error.value).splitlines()[-1].startswith(
+      "Fix: pass --config.sparsity.activation=relu")
+  c = _residual_config(8)
+  c.model.width = 0
+  with pytest.raises(ConfigError, match="model.width"):
+    config_schema.validate(c)
+  for bad in ("wide", "-4", "0"):
+    with pytest.raises(ConfigError, match="width"):
+      validation_spectral.get_config(bad)
+  assert validation_spectral.get_config(None).model.width == 64
+
+
+def test_spectral_config_end_to_end(tmp_path, data_dir, cache_dir):
+  """The CLI writes the spectral ratio and the anisotropy per block to summary.json."""
+  import json  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, run_cli  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  result = run_cli(
+      f"--config={REPO}/configs/validation_spectral.py:16", f"--workdir={workdir}",
+      f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
+      "--config.num_steps=20", "--config.log_every=10", "--config.eval_every=20",
+      "--config.checkpoint_every=20", "--config.optimizer.weight_decay=0.01")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  for name in ("spectral_ratio", "gradient_noise_anisotropy", "activation_density"):
+    for key in [f"train/{name}/layer_{i}" for i in range(4)] + [f"train/{name}/mean"]:
+      assert key in summary, key
+  for i in range(4):
+    assert summary[f"train/spectral_ratio/layer_{i}"] >= 1
+    assert summary[f"train/gradient_noise_anisotropy/layer_{i}"] >= 1
+  assert 0 < summary["eval/accuracy"] <= 1
+  assert summary["config"]["optimizer"]["name"] == "sgd"

@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from sparse_jax.errors import ConfigError
+from sparse_jax.models.residual_mlp import ResidualMlp
 from sparse_jax.models.t5 import T5, T5Config
 from sparse_jax.models.vit import VisionTransformer
 from sparse_jax.ops.activations import Activation, SShaped
 from sparse_jax.ops.mlp import MlpKernel
 
-MODELS = ("vit", "t5")
+MODELS = ("vit", "t5", "residual_mlp")
 
 
 def build_model(config: ml_collections.ConfigDict,
@@ -43,6 +44,9 @@ def build_model(config: ml_collections.ConfigDict,
         dropout_rate=m.dropout_rate, activation=activation_spec(config),
         zeroth_bias_position=position, max_len=m.max_len,
         weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel))
+  if m.name == "residual_mlp":
+    return ResidualMlp(num_classes=config.num_classes, width=m.width,
+                       num_blocks=m.num_blocks, dtype=jnp.dtype(m.dtype))
   raise ConfigError(f"Unknown model {m.name!r}.\nFix: set config.model.name to one of "
                     f"{MODELS}.")
 
