@@ -100,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="vit", patch_size=4, hidden_size=48, num_layers=3, num_heads=4, mlp_dim=192,
       dtype="float32"))  # Activation dtype; parameters stay float32.
-  c.dataset = "sklearn_digits"       # 'sklearn_digits' (embedded) | 'imagenet2012'
+  # 'sklearn_digits' (embedded) | 'cifar10' | 'mnist' | 'imagenet2012' (tfds, data_dir)
+  c.dataset = "sklearn_digits"
   c.manual_dir = config_dict.placeholder(str)  # ImageNet manual download dir
   c.image_size = 16
   c.num_classes = 10

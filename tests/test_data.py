@@ -236,8 +236,8 @@ def test_eval_process_shards_are_disjoint_and_cover(digits_dir, eval_batches):
 
 
 def test_config_errors(digits_dir, tmp_path):
-  with pytest.raises(ConfigError, match='mnist'):
-    images.prepare_dataset(make_config(digits_dir, dataset='mnist'))
+  with pytest.raises(ConfigError, match='svhn'):
+    images.prepare_dataset(make_config(digits_dir, dataset='svhn'))
   with pytest.raises(ConfigError, match='num_classes'):
     images.prepare_dataset(make_config(digits_dir, num_classes=1000))
   with pytest.raises(ConfigError, match='batch_size'):
@@ -376,3 +376,34 @@ def test_cutmix_labels_match_pasted_area():
     np.testing.assert_allclose(out_labels[0, 3], 1 - own, atol=1e-6)
     mixed_any |= 0 < own < 1
   assert mixed_any
+
+
+@pytest.mark.parametrize('name,channels', [('cifar10', 3), ('mnist', 1)])
+def test_validation_datasets_on_mock_data(tmp_path, monkeypatch, name, channels):
+  """cifar10 / mnist: read from a prepared data_dir, never downloaded; small-image path
+  (decoded once, pad-crop + flip per batch, grey -> 3 channels)."""
+  config = make_config(tmp_path / 'tfds', dataset=name, image_size=32,
+                       batch_size=4, eval_batch_size=4, input_flip=True,
+                       input_shuffle_buffer=16, input_label_smoothing=0.0)
+  with pytest.raises(ConfigError) as error:  # Not prepared there: no download.
+    images.prepare_dataset(config)
+  assert f'tfds build {name}' in str(error.value).splitlines()[-1]
+  # As if `tfds build` had run in data_dir; mock_data serves random PNGs of the real
+  # shapes (32 x 32 x 3, 28 x 28 x 1).
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
+  with tfds.testing.mock_data(num_examples=6):
+    info = images.prepare_dataset(config)
+    assert info.num_classes == 10 and info.image_shape == (32, 32, 3)
+    train = take(images.train_iterator(config), 3)
+    evals = list(images.eval_iterator(config))
+  for batch in train:
+    assert batch['image'].shape == (4, 32, 32, 3)
+    assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+    np.testing.assert_allclose(batch['label'].sum(-1), 1.0, rtol=1e-5)
+    if channels == 1:  # Grey: the three channels are equal.
+      np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+    else:
+      assert np.any(batch['image'][..., 0] != batch['image'][..., 2])
+  assert len(evals) == 2 and evals[0]['image'].shape == (4, 32, 32, 3)
+  np.testing.assert_array_equal(
+      np.concatenate([b['mask'] for b in evals]), [1] * 6 + [0] * 2)

@@ -1,4 +1,4 @@
-"""Image classification input pipeline for `sklearn_digits` and `imagenet2012`.
+"""Image classification input pipeline: `sklearn_digits`, `cifar10`, `mnist`, `imagenet2012`.
 
 Records are read through TFDS with the image still encoded, so per-process
 sharding, shuffling and resume-skipping only touch raw bytes; ImageNet JPEGs
@@ -69,17 +69,19 @@ def _randaugment(config, image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
 
 
 def _augment_digits(config, images: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-  """Digits: augments a whole uint8 [B, 8, 8, 1] batch at once."""
+  """Small images (digits, CIFAR-10, MNIST): augments a whole uint8 [B, H, W, C] batch
+  at once."""
   shift_key, ra_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   size = config.image_size
-  # Single-channel until the end: a third of the work.
+  # Grey images stay single-channel until the end: a third of the work.
   images = preprocess.resize(tf.cast(images, tf.float32), size,
                              antialias=size < images.shape[1])
   pad = size // 8 if sources.input_value(config, 'crop') != 'none' else 0
   flip = sources.input_value(config, 'flip')
   if pad or flip:
     images = preprocess.batch_crop_flip(images, pad, flip, shift_key)
-  images = tf.image.grayscale_to_rgb(images)
+  if images.shape[-1] == 1:
+    images = tf.image.grayscale_to_rgb(images)
   if sources.input_value(config, 'randaugment_layers'):
     keys = tf.random.experimental.stateless_split(ra_key, images.shape[0])
     images = tf.map_fn(lambda args: _randaugment(config, *args),
@@ -121,10 +123,12 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
         'training examples.', 'use fewer processes or a larger dataset')
   per_example = spec.crops[0] == 'inception'  # Variable-size JPEGs.
   if not per_example:
-    # 1,500 digits decode into ~100 KB: decoding them once beats re-decoding
-    # (or skipping encoded records) every epoch.
+    # Small images decode into little memory (1,500 digits: ~100 KB; CIFAR-10:
+    # 150 MB): decoding them once beats re-decoding (or skipping encoded
+    # records) every epoch.
     records = records.map(_plain(lambda r: {
-        'image': preprocess.decode_digit(r['image']), 'label': r['label']}))
+        'image': preprocess.decode_small(r['image'], spec.stored_shape),
+        'label': r['label']}))
     records = records.cache()
   shuffle_key = _key(config, _SHUFFLE_TAG)
   buffer = sources.input_value(config, 'shuffle_buffer')
@@ -176,9 +180,10 @@ def _eval_example(config, spec: sources.Spec, record: dict) -> dict:
         record['image'], size, sources.input_value(config, 'eval_resize'))
   else:
     image = preprocess.resize(
-        tf.cast(preprocess.decode_digit(record['image']), tf.float32), size,
-        antialias=size < 8)
-    image = tf.image.grayscale_to_rgb(image)
+        tf.cast(preprocess.decode_small(record['image'], spec.stored_shape),
+                tf.float32), size, antialias=size < spec.stored_shape[0])
+    if spec.stored_shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
   return {'image': preprocess.normalize(image),
           'label': tf.cast(record['label'], tf.int32),
           'mask': tf.constant(1.0, tf.float32)}

@@ -66,6 +66,12 @@ def decode_digit(image_bytes: tf.Tensor) -> tf.Tensor:
   return tf.ensure_shape(tf.io.decode_png(image_bytes, channels=1), (8, 8, 1))
 
 
+def decode_small(image_bytes: tf.Tensor,
+                 shape: tuple[int, int, int]) -> tf.Tensor:
+  """Decodes a small fixed-size PNG (digits, CIFAR-10, MNIST) to uint8 `shape`."""
+  return tf.ensure_shape(tf.io.decode_png(image_bytes, channels=shape[2]), shape)
+
+
 def batch_crop_flip(images: tf.Tensor, pad: int, flip: bool,
                     seed: tf.Tensor) -> tf.Tensor:
   """Per-image random shift (zero pad + crop) and left-right flip of a batch.

@@ -24,11 +24,19 @@ class Spec:
   eval_split: str
   crops: tuple[str, ...]
   sizes: tuple[int, int]  # (train, eval) sizes, used when TFDS metadata lacks them.
+  # (height, width, channels) of the stored PNGs of small datasets, decoded once and
+  # cached; None = variable-size JPEGs decoded per example (ImageNet).
+  stored_shape: tuple[int, int, int] | None = None
 
 
 DATASETS = {
     'sklearn_digits': Spec(10, 'train', 'test', ('pad_crop', 'none'),
-                            (1500, 297)),
+                            (1500, 297), (8, 8, 1)),
+    # The papers' validation datasets, prepared by TFDS in data_dir (no manual files).
+    'cifar10': Spec(10, 'train', 'test', ('pad_crop', 'none'), (50_000, 10_000),
+                    (32, 32, 3)),
+    'mnist': Spec(10, 'train', 'test', ('pad_crop', 'none'), (60_000, 10_000),
+                  (28, 28, 1)),
     'imagenet2012': Spec(1000, 'train', 'validation', ('inception',),
                           (1_281_167, 50_000)),
 }
@@ -136,6 +144,17 @@ def _check_imagenet_source(config, builder) -> None:
         '--config.data_dir=gs://bucket/tfds where imagenet2012 is prepared')
 
 
+def _check_prepared(config, builder) -> None:
+  """cifar10 / mnist are read, never downloaded here (hosts may be offline)."""
+  if builder.is_prepared():
+    return
+  raise error(
+      f'{config.dataset} is not prepared under data_dir={config.get("data_dir")!r} '
+      f'({builder.data_dir}).',
+      f'run `tfds build {config.dataset} --data_dir=DIR` where the internet is '
+      f'reachable and pass --config.data_dir=DIR (local or gs://)')
+
+
 def prepare_dataset(config) -> DatasetInfo:
   """Validates `config` and makes sure the TFDS data exists, building it if not.
 
@@ -155,6 +174,8 @@ def prepare_dataset(config) -> DatasetInfo:
   builder = get_builder(config)
   if config.dataset == 'imagenet2012':
     _check_imagenet_source(config, builder)
+  elif config.dataset in ('cifar10', 'mnist'):
+    _check_prepared(config, builder)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=config.get('manual_dir'), try_download_gcs=False))
   size = config.image_size
