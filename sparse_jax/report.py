@@ -111,9 +111,10 @@ def load_runs(dirs: list[str]) -> list[RunData]:
 def assign_points(runs: list[RunData]) -> list[str]:
   """Sets each run's grid point from the config keys that differ within a variant."""
   flat = [_flatten(r.config) for r in runs]
+  basis = [(f, r) for f, r in zip(flat, runs) if r.summary] or list(zip(flat, runs))
   keys = set()
-  for variant in {r.variant for r in runs}:
-    group = [f for f, r in zip(flat, runs) if r.variant == variant]
+  for variant in {r.variant for _, r in basis}:  # Finished runs decide (unfinished may
+    group = [f for f, r in basis if r.variant == variant]  # be from another study).
     for k in set().union(*group):
       if k not in IGNORED_KEYS and len({json.dumps(f.get(k)) for f in group}) > 1:
         keys.add(k)
@@ -148,7 +149,7 @@ def table_metrics(runs: list[RunData]) -> list[tuple[str, str]]:
           ("eval/loss", "eval loss (token CE)" if t5 else "eval loss"),
           ("eval/activation_density/mean", "eval density")]
   for stack in ("encoder", "decoder"):
-    cols.append((f"eval/activation_density/{stack}/mean", f"eval density {stack}"))
+    cols.append((f"eval/activation_density/{stack}/mean", f"eval density ({stack})"))
   cols.append(("wall_time_s", "wall time (s)"))
   keys = set().union(*(r.summary.keys() for r in runs if r.summary))
   return [(k, label) for k, label in cols if k in keys]
@@ -220,11 +221,15 @@ def _natural(name: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+STACK_ORDER = ("encoder", "decoder")
+
+
 def _panel_order(suffixes: set[str]) -> list[str]:
-  """'mean' first, then stack means, then layers (stack by stack)."""
+  """'mean' first, then stack means, then layers (stack by stack, encoder first)."""
   def rank(s):
     parts = s.split("/")
-    return (0 if s == "mean" else 1 if parts[-1] == "mean" else 2, _natural(s))
+    stack = STACK_ORDER.index(parts[0]) if parts[0] in STACK_ORDER else len(STACK_ORDER)
+    return (0 if s == "mean" else 1 if parts[-1] == "mean" else 2, stack, _natural(s))
   return sorted(suffixes, key=rank)
 
 
@@ -256,18 +261,25 @@ def _plt():
   return plt
 
 
-def _curve_figure(runs, panels: list[tuple[str, str]], ylabel: str, title: str,
+def _curve_figure(runs, panels: list[list[tuple[str, str]]], ylabel: str, title: str,
                   path: epath.Path) -> bool:
-  """One panel per (key, panel title) with a mean +- sd band per variant."""
-  data = [(k, t, _curves(runs, k)) for k, t in panels]
-  data = [(k, t, c) for k, t, c in data if c]
-  if not data:
+  """One panel per (key, panel title), a row per inner list, with a mean +- sd band per
+  variant."""
+  rows_data = [[(t, c) for k, t in row if (c := _curves(runs, k))] for row in panels]
+  rows_data = [row for row in rows_data if row]
+  if not rows_data:
     return False
   plt = _plt()
-  cols = min(4, len(data))
-  rows = math.ceil(len(data) / cols)
+  cols = max(len(row) for row in rows_data)
+  rows = len(rows_data)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
-  for ax, (_, panel_title, curves) in zip(axes.flat, data):
+  used = []
+  for r, row in enumerate(rows_data):
+    for c, item in enumerate(row):
+      used.append((axes[r, c], item))
+    for c in range(len(row), cols):
+      axes[r, c].axis("off")
+  for ax, (panel_title, curves) in used:
     for variant, (steps, mean, sd) in curves.items():
       n = len({r.seed for r in runs if r.variant == variant})
       color = COLORS.get(variant)
@@ -277,9 +289,7 @@ def _curve_figure(runs, panels: list[tuple[str, str]], ylabel: str, title: str,
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(data):]:
-    ax.axis("off")
-  axes.flat[0].legend(fontsize=8)
+  used[0][0].legend(fontsize=8)
   fig.suptitle(f"{title} (mean \u00b1 sd over seeds)")
   fig.tight_layout()
   fig.savefig(str(path), dpi=110)
@@ -287,10 +297,18 @@ def _curve_figure(runs, panels: list[tuple[str, str]], ylabel: str, title: str,
   return True
 
 
-def _family_panels(runs, prefix: str) -> list[tuple[str, str]]:
-  suffixes = {k[len(prefix):] for r in runs for rec in r.history for k in rec
-              if k.startswith(prefix)}
-  return [(prefix + s, s.replace("/", " ")) for s in _panel_order(suffixes)]
+def _family_panels(runs, prefix: str) -> list[list[tuple[str, str]]]:
+  """Rows of panels: T5 (stacks) the means, then one row per stack; else rows of 4."""
+  suffixes = _panel_order({k[len(prefix):] for r in runs for rec in r.history for k in rec
+                           if k.startswith(prefix)})
+  panel = lambda s: (prefix + s, s.replace("/", " "))
+  stacks = [st for st in STACK_ORDER if any(s.startswith(st + "/") for s in suffixes)]
+  if not stacks:
+    return [[panel(s) for s in suffixes[i:i + 4]] for i in range(0, len(suffixes), 4)]
+  rows = [[panel(s) for s in suffixes if s == "mean" or s.endswith("/mean")]]
+  rows += [[panel(s) for s in suffixes if s.startswith(st + "/") and not s.endswith("/mean")]
+           for st in stacks]
+  return rows
 
 
 def _safe(name: str) -> str:
@@ -322,7 +340,7 @@ def curve_figures(runs: list[RunData], out: epath.Path) -> list[tuple[str, str]]
     if "train/flatness_density/mean" in keys and "train/activation_density/mean" in keys:
       theory.append(("train/activation_density/mean", "activation_density/mean"))
     file = f"theory{tag}.png"
-    if theory and _curve_figure(group, theory, "value", "Theory metrics" + where,
+    if theory and _curve_figure(group, [theory], "value", "Theory metrics" + where,
                                 out / file):
       figures.append((file, "Theory metrics in training" + where))
   return figures

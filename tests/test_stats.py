@@ -1,0 +1,75 @@
+"""stats.py against scipy (when installed) and hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+
+from sparse_jax import stats
+
+# Student-t quantiles from printed tables (two-sided 95%: p = 0.975).
+T_TABLE = [(1, 0.975, 12.7062), (2, 0.975, 4.3027), (3, 0.975, 3.1824), (5, 0.975, 2.5706),
+           (10, 0.975, 2.2281), (30, 0.975, 2.0423), (4, 0.995, 4.6041), (2, 0.9, 1.8856)]
+
+
+@pytest.mark.parametrize("df, p, expected", T_TABLE)
+def test_t_quantile_matches_tables(df, p, expected):
+  assert stats.t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
+  assert stats.t_quantile(1 - p, df) == pytest.approx(-expected, abs=1e-4)
+
+
+def test_t_quantile_and_cdf_match_scipy_for_fractional_df():
+  scipy_stats = pytest.importorskip("scipy.stats")
+  for df in (1.0, 1.7, 2.5, 4.3, 7.9, 55.5):
+    for p in (0.6, 0.9, 0.975, 0.995):
+      assert stats.t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-9)
+    for t in (-3.0, -0.4, 0.0, 1.3, 6.0):
+      assert stats.t_cdf(t, df) == pytest.approx(scipy_stats.t.cdf(t, df), abs=1e-12)
+
+
+def test_mean_sd():
+  assert stats.mean_sd([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5 / 3)))
+  mean, sd = stats.mean_sd([0.3])
+  assert mean == 0.3 and math.isnan(sd)
+
+
+def test_welch_ratio_ci_by_hand():
+  # log values: a = ln 2 + (-d, 0, d), b = (-d, 0, d) with d = 0.1: equal variances
+  # d^2 = 0.01 each, se = sqrt(2 * 0.01 / 3), df = 4 (Welch with equal n and variance).
+  d = 0.1
+  a = np.exp(np.log(2.0) + np.array([-d, 0.0, d]))
+  b = np.exp(np.array([-d, 0.0, d]))
+  ci = stats.welch_ratio_ci(a, b)
+  se = math.sqrt(2 * d * d / 3)
+  assert ci.ratio == pytest.approx(2.0)
+  assert ci.df == pytest.approx(4.0)
+  assert ci.low == pytest.approx(2.0 * math.exp(-2.776445 * se), rel=1e-6)
+  assert ci.high == pytest.approx(2.0 * math.exp(2.776445 * se), rel=1e-6)
+
+
+def test_welch_ratio_ci_matches_scipy():
+  scipy_stats = pytest.importorskip("scipy.stats")
+  # The issue's numbers: configs/default.py seeds 0-3.
+  sparsified = [0.314, 0.281, 0.271, 0.290]
+  vanilla = [0.310, 0.279, 0.302, 0.271]
+  ci = stats.welch_ratio_ci(sparsified, vanilla)
+  ref = scipy_stats.ttest_ind(np.log(sparsified), np.log(vanilla), equal_var=False)
+  interval = ref.confidence_interval(0.95)
+  assert ci.df == pytest.approx(ref.df)
+  assert ci.low == pytest.approx(math.exp(interval.low))
+  assert ci.high == pytest.approx(math.exp(interval.high))
+  assert stats.verdict(ci) == ("no difference in sparsified eval density detectable at "
+                               "n = 4 + 4 (ratio 0.995, 95% CI 0.892-1.110)")
+
+
+def test_verdicts():
+  lower = stats.welch_ratio_ci([0.20, 0.21, 0.19], [0.30, 0.31, 0.29])
+  assert stats.verdict(lower).startswith("sparsified eval density is lower by 33% (95% CI ")
+  assert stats.verdict(lower).endswith(", n = 3 + 3)")
+  higher = stats.welch_ratio_ci([0.30, 0.31, 0.29], [0.20, 0.21, 0.19])
+  assert stats.verdict(higher, "x").startswith("x is higher by 50% (95% CI ")
+  single = stats.welch_ratio_ci([0.2], [0.3, 0.31])
+  assert not single.has_ci
+  assert stats.verdict(single) == ("no CI can be computed with n = 1 + 2 (ratio 0.656); "
+                                   "run at least 2 seeds per variant")
+  same = stats.welch_ratio_ci([0.2, 0.2], [0.2, 0.2])
+  assert (same.ratio, same.low, same.high) == (1.0, 1.0, 1.0)
