@@ -414,6 +414,67 @@ def layer_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | None
   return "layer_density.png", "Final eval density per layer"
 
 
+def scale_figure(summary: dict[str, Any], out: epath.Path) -> tuple[str, str] | None:
+  """With 2+ grid points: eval density (mean +- sd) per variant and the density ratio to
+  vanilla (95% CI) against the grid axis, and eval accuracy / loss."""
+  points = summary["points"]
+  if len(points) < 2:
+    return None
+  keys = list(next(iter(points.values()))["grid"])
+  values = [p["grid"].get(keys[0]) for p in points.values()] if len(keys) == 1 else []
+  numeric = bool(values) and all(isinstance(v, (int, float)) for v in values)
+  x = np.array(values, float) if numeric else np.arange(len(points))
+  t5 = any(c["key"].endswith("encoder/mean") for c in summary["columns"])
+  ykey, ylabel = ("eval/loss", "eval loss (token CE)") if t5 else ("eval/accuracy",
+                                                                   "eval accuracy")
+  dkey = "eval/activation_density/mean"
+  plt = _plt()
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  variants = list(dict.fromkeys(v for p in points.values() for v in p["variants"]))
+  for ax, key, label in ((axes[0], dkey, "eval activation density"),
+                         (axes[2], ykey, ylabel)):
+    for variant in variants:
+      ms = [p["variants"].get(variant, {}).get("metrics", {}).get(key) for p in points.values()]
+      mean = np.array([np.nan if m is None or m["mean"] is None else m["mean"] for m in ms])
+      sd = np.array([0.0 if m is None or m["sd"] is None else m["sd"] for m in ms])
+      ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, color=COLORS.get(variant),
+                  label=variant)
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} (mean \u00b1 sd over seeds)", fontsize=10)
+  for variant in variants:
+    cs = [next((c for c in p["comparisons"] if c["metric"] == dkey
+                and c["numerator"] == variant), None) for p in points.values()]
+    if not any(c and c["ratio"] is not None for c in cs):
+      continue
+    ratio = np.array([np.nan if not c or c["ratio"] is None else c["ratio"] for c in cs])
+    low = np.array([r if not c or c["ci_low"] is None else c["ci_low"]
+                    for r, c in zip(ratio, cs)])
+    high = np.array([r if not c or c["ci_high"] is None else c["ci_high"]
+                     for r, c in zip(ratio, cs)])
+    axes[1].errorbar(x, ratio, yerr=[ratio - low, high - ratio], marker="o", capsize=3,
+                     color=COLORS.get(variant), label=f"{variant} / {BASELINE}")
+  axes[1].axhline(1.0, color="gray", linestyle="--", linewidth=1)
+  axes[1].set_ylabel(f"eval density ratio to {BASELINE}")
+  axes[1].set_title("density ratio (95% Welch CI)", fontsize=10)
+  for ax in axes:
+    ax.set_xlabel(keys[0] if numeric else "grid point")
+    if numeric and max(x) / max(min(x), 1e-12) >= 4:
+      ax.set_xscale("log")
+      ax.set_xticks(x)
+      ax.set_xticklabels([f"{v:g}" for v in x])
+      ax.minorticks_off()
+    elif not numeric:
+      ax.set_xticks(x)
+      ax.set_xticklabels(list(points), rotation=20, fontsize=7, ha="right")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle("Scale axis: " + ", ".join(keys))
+  fig.tight_layout()
+  fig.savefig(str(out / "scale.png"), dpi=110)
+  plt.close(fig)
+  return "scale.png", "Eval density, its ratio to vanilla and " + ylabel + " along the grid"
+
+
 # ----------------------------------------------------------------------------- rendering
 def _pm(entry: dict[str, Any], key: str) -> str:
   m = entry["metrics"].get(key)
@@ -534,7 +595,8 @@ def write_report(dirs: list[str], out: str, title: str = "sparse_jax study repor
   summary = summarize(runs)
   done = [r for r in runs if r.summary]
   figures = curve_figures(done, root) if done else []
-  for extra in (scatter_figure(runs, root), layer_figure(runs, root)):
+  for extra in (scale_figure(summary, root), scatter_figure(runs, root),
+                layer_figure(runs, root)):
     if extra:
       figures.append(extra)
   summary["figures"] = [f for f, _ in figures]

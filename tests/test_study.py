@@ -259,6 +259,6 @@ def test_report_on_t5_runs_with_a_grid(tmp_path):
   for name in ("activation_density", "gradient_sparsity", "theory"):
     for point in ("model.d_ff=128", "model.d_ff=256"):
       assert f"{name}_{point}.png" in figures
-  assert {"density_vs_loss.png", "layer_density.png"} <= figures
+  assert {"density_vs_loss.png", "layer_density.png", "scale.png"} <= figures
   assert all((out / f).exists() for f in figures)
   assert (out / "report.html").read_text().count("<img") == len(figures)
