@@ -8,7 +8,9 @@ runs are grouped by what their configs say, not by directory names:
   one step with log_every = 1 (`--config.num_steps=1 --config.log_every=1
   --config.optimizer.warmup_steps=0`) counts as the initialisation of its variant (its
   train metrics are those of the initial parameters);
-* residual-MLP runs (model.name = 'residual_mlp') by (weight decay, width).
+* residual-MLP runs (model.name = 'residual_mlp') by (weight decay, width); the spectral
+  ratio of each run's initial W1 (same config and seed) is recomputed here (it needs
+  no data), next to the trained one.
 Each cell is mean +- sd (n) over the seeds of the group (sd with n - 1; '-' if n = 1).
 """
 import argparse
@@ -83,6 +85,25 @@ def s_shaped_tables(runs) -> str:
   return table(header, rows)
 
 
+def spectral_at_init(config: dict) -> dict[str, float]:
+  """spectral_* and w1_frobenius_sq of the initial params of the run `config` (the
+  trainer initialises them from config.seed and a zero batch, as here)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sparse_jax import metrics  # pylint: disable=g-import-not-at-top
+  from sparse_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(config)
+  size = c.image_size
+  params = nn.unbox(build_model(c).init(jax.random.key(c.seed),
+                                        jnp.zeros((1, size, size, 3)), train=False)["params"])
+  kernels = {name: {"w1": p["hidden"]["kernel"]} for name, p in params.items()
+             if name.startswith("block_")}
+  values = metrics.spectral_metrics(kernels, c.metrics.spectral_threshold)
+  return {k: float(v) for k, v in values.items()}
+
+
 def spectral_tables(runs) -> str:
   groups = defaultdict(list)
   for config, summary in runs:
@@ -99,7 +120,10 @@ def spectral_tables(runs) -> str:
     for width in widths:
       group = groups[(decay, width)]
       get = lambda name: [r.get(name) for r in group]
-      rows.append([str(width)]
+      init = [spectral_at_init(r["config"]) for r in group]
+      rows.append([str(width),
+                   cell([v["spectral_ratio/mean"] for v in init], 1),
+                   cell([v["w1_frobenius_sq/mean"] for v in init], 1)]
                   + [cell(get(f"train/spectral_ratio/layer_{i}"), 1) for i in layers]
                   + [cell(get("train/spectral_ratio/mean"), 1),
                      cell(get("train/spectral_nonzero_fraction/mean"), 2),
@@ -107,7 +131,8 @@ def spectral_tables(runs) -> str:
                      cell(get("train/w1_frobenius_sq/mean"), 1),
                      cell(get("eval/accuracy")), cell(get("wall_time_s"), 0)])
     t = group[0]["config"]["metrics"].get("spectral_threshold")
-    header = (["width p"] + [f"spectral ratio, block {i}" for i in layers]
+    header = (["width p", "spectral ratio at init, mean", "W1 squared Frobenius norm at init"]
+              + [f"spectral ratio, block {i}" for i in layers]
               + ["spectral ratio, mean", "nonzero fraction", "anisotropy, mean",
                  "W1 squared Frobenius norm, mean", "eval accuracy",
                  "wall time (s)"])
