@@ -35,6 +35,20 @@ IGNORED_KEYS = ("seed", "variant", "data_dir")  # Never a grid axis.
 GRADIENT_THRESHOLD = "1e-06"
 THEORY_KEYS = ("train/spectral_ratio/mean", "train/augmented_flatness_key/mean",
                "train/augmented_flatness_value/mean", "train/flatness_density/mean")
+# The last logging step's training-mode and theory metrics (means over layers), tabled
+# per variant with their ratio to vanilla (what the theory metrics issue asks to compare).
+TRAIN_KEYS = (("train/activation_density/mean", "activation density"),
+              ("train/flatness_density/mean", "flatness density"),
+              (f"train/gradient_sparsity_{GRADIENT_THRESHOLD}/mean",
+               f"gradient sparsity (< {GRADIENT_THRESHOLD})"),
+              ("train/derivative_square/mean", "f'(z)^2"),
+              ("train/activation_gradient_norm/mean", "‖dL/da‖²"),
+              ("train/effective_gradient_l2/mean", "‖dL/dz‖²"),
+              ("train/augmented_flatness_key/mean", "flatness key"),
+              ("train/augmented_flatness_value/mean", "flatness value"),
+              ("train/w1_frobenius_sq/mean", "‖W1‖_F²"),
+              ("train/spectral_ratio/mean", "spectral ratio"),
+              ("train/spectral_nonzero_fraction/mean", "spectral nonzero fraction"))
 STATISTIC = ("mean +- sample sd (ddof 1) over seeds; ratio = ratio of geometric means "
              "of a variant's and vanilla's values, with a 95% Welch-t confidence interval "
              "on the log ratio")
@@ -182,7 +196,10 @@ def summarize(runs: list[RunData]) -> dict[str, Any]:
           "n": len(group), "seeds": [r.seed for r in group],
           "runs": [r.path for r in group],
           "metrics": {k: _agg([float(r.summary[k]) for r in group if k in r.summary])
-                      for k, _ in columns}}
+                      for k, _ in columns},
+          "train_metrics": {k: _agg([float(r.summary[k]) for r in group])
+                            for k, _ in TRAIN_KEYS
+                            if all(k in r.summary for r in group)}}
     comparisons = []
     if BASELINE in variants:
       base = variants[BASELINE]
@@ -199,7 +216,8 @@ def summarize(runs: list[RunData]) -> dict[str, Any]:
               "sd": [entry["metrics"][key]["sd"], base["metrics"][key]["sd"]],
               "verdict": stats.verdict(ci, f"{variant} {label}")})
     points[point] = {"grid": in_point[0].grid, "variants": variants,
-                     "comparisons": comparisons}
+                     "comparisons": comparisons,
+                     "train_comparisons": _train_comparisons(variants)}
   walls = [float(r.summary["wall_time_s"]) for r in done if "wall_time_s" in r.summary]
   return {
       "statistic": STATISTIC,
@@ -214,6 +232,24 @@ def summarize(runs: list[RunData]) -> dict[str, Any]:
                 "metrics_lines": len(r.history)} for r in runs],
       "unfinished": [r.path for r in runs if r.summary is None],
   }
+
+
+def _train_comparisons(variants: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each variant's TRAIN_KEYS over vanilla's: ratio and Welch-t 95% CI."""
+  if BASELINE not in variants:
+    return []
+  base = variants[BASELINE]["train_metrics"]
+  out = []
+  for variant, entry in variants.items():
+    for key, label in TRAIN_KEYS:
+      if variant == BASELINE or key not in entry["train_metrics"] or key not in base:
+        continue
+      ci = stats.welch_ratio_ci(entry["train_metrics"][key]["values"],
+                                base[key]["values"])
+      out.append({"metric": key, "label": label, "numerator": variant,
+                  "denominator": BASELINE, "ratio": _num(ci.ratio), "ci_low": ci.low,
+                  "ci_high": ci.high, "n": [ci.n_num, ci.n_den]})
+  return out
 
 
 # ----------------------------------------------------------------------------- figures
@@ -530,10 +566,48 @@ def _blocks(summary: dict[str, Any], figures: list[tuple[str, str]],
       verdicts.append(f"{where}{c['verdict'][0].upper()}{c['verdict'][1:]}; "
                       f"seed-to-seed sd {sd}.")
     blocks.append(("list", verdicts))
+  blocks += _train_blocks(summary)
   if figures:
     blocks.append(("h2", "Figures"))
     for file, caption in figures:
       blocks.append(("img", (file, caption)))
+  return blocks
+
+
+def _train_blocks(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+  """The training-mode and theory metrics table (last logging step) and its ratios."""
+  labels = dict(TRAIN_KEYS)
+  keys = [k for k, _ in TRAIN_KEYS if any(
+      k in e["train_metrics"] for p in summary["points"].values()
+      for e in p["variants"].values())]
+  if not keys:
+    return []
+  blocks = [("h2", "Training-mode and theory metrics (last logging step, mean over "
+                   "layers)"),
+            ("p", "Means +- sd over seeds; definitions in docs/metrics.md.")]
+  header, rows = ["metric"], {k: [labels[k]] for k in keys}
+  for point, p in summary["points"].items():
+    for variant, entry in p["variants"].items():
+      header.append(variant if point == "base" else f"{point} {variant}")
+      for k in keys:
+        m = entry["train_metrics"].get(k)
+        rows[k].append("-" if not m or m["mean"] is None else (
+            f"{m['mean']:.4g}" + ("" if m["sd"] is None else f" \u00b1 {m['sd']:.2g}")))
+  for point, p in summary["points"].items():
+    by_key = {c["metric"]: c for c in p["train_comparisons"]}
+    for c in p["train_comparisons"]:
+      header_name = f"{c['numerator']} / {c['denominator']} (95% CI)"
+      if point != "base":
+        header_name = f"{point} {header_name}"
+      if header_name not in header:
+        header.append(header_name)
+    for k in keys:
+      c = by_key.get(k)
+      if p["train_comparisons"]:
+        rows[k].append("-" if c is None or c["ratio"] is None else (
+            f"{c['ratio']:.3f}" + ("" if c["ci_low"] is None else
+                                   f" ({c['ci_low']:.3f}-{c['ci_high']:.3f})")))
+  blocks.append(("table", (header, [rows[k] for k in keys])))
   return blocks
 
 

@@ -79,8 +79,18 @@ def test_study_killed_rerun_report_and_printed_commands(tmp_path, data_dir, cach
       assert entry["metrics"][key]["values"] == values
       assert entry["metrics"][key]["mean"] == pytest.approx(np.mean(values), rel=1e-12)
       assert entry["metrics"][key]["sd"] == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+    # The last logging step's theory metrics: the same numbers, and in the markdown.
+    for key in ("train/flatness_density/mean", "train/spectral_ratio/mean",
+                "train/augmented_flatness_key/mean"):
+      values = [s[key] for s in sorted(summaries, key=lambda s: s["config"]["seed"])]
+      assert entry["train_metrics"][key]["mean"] == pytest.approx(np.mean(values))
+      assert f"{np.mean(values):.4g}" in open(os.path.join(report_dir, "report.md")).read()
   (comparison,) = report["points"]["base"]["comparisons"]
   assert comparison["metric"] == "eval/activation_density/mean"
+  ratios = {c["metric"]: c for c in report["points"]["base"]["train_comparisons"]}
+  assert ratios["train/spectral_ratio/mean"]["ratio"] == pytest.approx(np.exp(
+      np.mean(np.log([s["train/spectral_ratio/mean"] for s in runs["sparsified"]]))
+      - np.mean(np.log([s["train/spectral_ratio/mean"] for s in runs["vanilla"]]))))
   assert comparison["n"] == [2, 2] and comparison["ci_low"] < comparison["ratio"]
   markdown = open(os.path.join(report_dir, "report.md")).read()
   assert comparison["verdict"][1:] in markdown
