@@ -361,7 +361,7 @@ def curve_figures(runs: list[RunData], out: epath.Path) -> list[tuple[str, str]]
     where = "" if len(points) == 1 else f", {point}"
     specs = [
         ("activation_density", "train/activation_density/",
-         "activation density\n(share of units with a > 0)", "Activation density in training"),
+         "activation density\n(share of units with |a| > 1e-6)", "Activation density in training"),
         ("gradient_sparsity", f"train/gradient_sparsity_{GRADIENT_THRESHOLD}/",
          "gradient sparsity\n(share of |dL/dz| < 1e-6)",
          "Effective gradient sparsity in training"),
@@ -402,7 +402,7 @@ def scatter_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | No
       ax.scatter([r.summary["eval/activation_density/mean"] for r in group],
                  [r.summary[ykey] for r in group], color=COLORS.get(variant),
                  marker=markers[pi % len(markers)], label=label, s=40, alpha=0.8)
-  ax.set_xlabel("final eval activation density (share of units with a > 0)")
+  ax.set_xlabel("final eval activation density (share of units with |a| > 1e-6)")
   ax.set_ylabel(ylabel)
   ax.set_title(f"Final eval density vs {ylabel.split(' (')[0]} (one point per run)")
   ax.grid(alpha=0.3)
