@@ -4,8 +4,9 @@ with and without the theory metrics (flatness, activation gradients, W1 spectra)
   python benchmarks/metrics_step.py                 # default ViT and tiny T5
   python benchmarks/metrics_step.py --repeats 50 --json /tmp/metrics_step.json
 
-Each step is compiled once, run a few times to warm up, then timed `--repeats` times
-(median wall-clock per step, synchronised with block_until_ready) on synthetic batches
+Each step is compiled once, run a few times to warm up, then the three are timed in
+turn, `--repeats` rounds (median wall-clock per step, synchronised with
+block_until_ready, so background load hits all three alike) on synthetic batches
 of the config's shapes: the data pipeline is not part of what is measured. Prints a
 markdown table.
 """
@@ -43,22 +44,32 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, jax.Array]:
           "decoder_loss_weights": jnp.ones((b, t.targets_length), jnp.float32)}
 
 
-def time_step(config, with_metrics: bool, repeats: int) -> float:
-  """Median seconds per call of the compiled step."""
+def compiled_step(config, with_metrics: bool):
+  """(compiled step, its state, a batch) for the config."""
   exp = train.build_experiment(config)
   state = train.init_state(exp)
   batch = synthetic_batch(config, np.random.default_rng(0))
   step = train.make_train_step(exp, with_metrics=with_metrics).lower(state, batch).compile()
-  for _ in range(3):
-    state, out = step(state, batch)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, out = step(state, batch)
+  return step, state, batch
+
+
+def time_round_robin(steps: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per call of each compiled step, timed in turn (one call of each
+  per round), so that load from other processes affects all of them alike."""
+  states = {}
+  for name, (step, state, batch) in steps.items():
+    for _ in range(3):  # Warm-up.
+      state, out = step(state, batch)
     jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    states[name] = state
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, (step, _, batch) in steps.items():
+      start = time.perf_counter()
+      states[name], out = step(states[name], batch)
+      jax.block_until_ready(out)
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -68,13 +79,14 @@ def main() -> None:
   args = parser.parse_args()
   rows = []
   for name, make in CASES.items():
-    times = {}
+    steps = {}
     for label, with_metrics, theory in (("plain", False, True),
                                         ("metrics", True, False),
                                         ("metrics+theory", True, True)):
       config = make()
       config.metrics.theory = theory
-      times[label] = time_step(config, with_metrics, args.repeats)
+      steps[label] = compiled_step(config, with_metrics)
+    times = time_round_robin(steps, args.repeats)
     rows.append({"config": name, **{f"{k}_ms": 1e3 * v for k, v in times.items()},
                  "theory_extra_ms": 1e3 * (times["metrics+theory"] - times["metrics"])})
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
