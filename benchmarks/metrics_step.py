@@ -72,13 +72,18 @@ def time_round_robin(steps: dict, repeats: int) -> dict[str, float]:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--models", default="vit,t5",
+                      help="Comma-separated: which of vit, t5 to time.")
   parser.add_argument("--json", help="Also write the rows to this JSON file.")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  models = args.models.split(",")
   rows = []
   for name, make in CASES.items():
+    if name.split()[0] not in models:
+      continue
     steps = {}
     for label, with_metrics, theory in (("plain", False, True),
                                         ("metrics", True, False),
