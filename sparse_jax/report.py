@@ -33,8 +33,10 @@ VARIANT_ORDER = ("sparsified", "vanilla", "finetune")
 COLORS = {"sparsified": "tab:blue", "vanilla": "tab:orange", "finetune": "tab:green"}
 IGNORED_KEYS = ("seed", "variant", "data_dir")  # Never a grid axis.
 GRADIENT_THRESHOLD = "1e-06"
-THEORY_KEYS = ("train/spectral_ratio/mean", "train/augmented_flatness_key/mean",
-               "train/augmented_flatness_value/mean", "train/flatness_density/mean")
+THEORY_KEYS = ("train/spectral_ratio/mean", "train/spectral_nonzero_fraction/mean",
+               "train/w1_frobenius_sq/mean", "train/augmented_flatness_key/mean",
+               "train/augmented_flatness_value/mean", "train/activation_gradient_norm/mean",
+               "train/flatness_density/mean")
 # The last logging step's training-mode and theory metrics (means over layers), tabled
 # per variant with their ratio to vanilla (what the theory metrics issue asks to compare).
 TRAIN_KEYS = (("train/activation_density/mean", "activation density"),
@@ -376,7 +378,8 @@ def curve_figures(runs: list[RunData], out: epath.Path) -> list[tuple[str, str]]
     if "train/flatness_density/mean" in keys and "train/activation_density/mean" in keys:
       theory.append(("train/activation_density/mean", "activation_density/mean"))
     file = f"theory{tag}.png"
-    if theory and _curve_figure(group, [theory], "value", "Theory metrics" + where,
+    rows = [theory[i:i + 4] for i in range(0, len(theory), 4)]
+    if theory and _curve_figure(group, rows, "value", "Theory metrics" + where,
                                 out / file):
       figures.append((file, "Theory metrics in training" + where))
   return figures
