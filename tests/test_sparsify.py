@@ -354,7 +354,9 @@ def test_fresh_init_and_uplift_with_frozen_norm_bias():
   for path, value in _flat(original).items():
     np.testing.assert_array_equal(_flat(params)[path], value)
   np.testing.assert_array_equal(params["ffn"]["zeroth_bias"], 0.0)
-  assert set(inter["ffn"]) == {"z", "a"}
+  assert set(inter["ffn"]) == {"z", "a", "x", "derivative", "w1", "w2"}
+  np.testing.assert_array_equal(inter["ffn"]["w1"][0],
+                                _flat(params)[("ffn", "wi", "kernel")])
   # Finetuning: |gamma| >= min(step / 4, 1), that norm's bias frozen, the rest trained.
   params = jax.tree.map(lambda v: np.full(v.shape, 0.5, np.float32), params)
   state, update = _jit(tx.init)(params), _jit(tx.update)
