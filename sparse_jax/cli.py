@@ -1,11 +1,22 @@
 """Shared by the command-line programs (main, study, report): the two-line error exit,
 progress lines on stderr, and problem/fix messages for flag and config errors."""
 import logging as std_logging
+import os
 import sys
 
 from absl import flags, logging
 
 from sparse_jax.errors import ConfigError
+
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sparse_jax", "xla")
+
+
+def define_compilation_cache_flag(purpose: str) -> flags.FlagHolder:
+  """--compilation_cache_dir: JAX's persistent compilation cache ('' disables it)."""
+  return flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR,
+                             f"JAX persistent compilation cache, {purpose} ('' disables "
+                             "it).")
 
 
 def fail(message: str) -> None:

@@ -5,6 +5,7 @@ variant with `apply_variant`. The returned ConfigDict is locked, so a misspelled
 the command line (`--config.nonexistent_key=1`) is rejected instead of ignored.
 """
 import re
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -141,6 +142,18 @@ def t5_config() -> ml_collections.ConfigDict:
       shuffle_window=10_000,             # Documents shuffled together.
       eval_max_examples=10_240))         # Eval examples per evaluation (0 = all; embedded only).
   return c
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict (e.g. a config.json) as {'model.mlp_dim': 192, ...}; tuples
+  become lists, as JSON has them."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
 
 
 def defaults_for(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

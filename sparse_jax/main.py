@@ -9,12 +9,11 @@ cluster, several processes on one machine) pass --coordinator_address,
 --num_processes and --process_id (see sparse_jax/distributed.py).
 """
 import logging as std_logging
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_jax import distributed
+from sparse_jax import cli, distributed
 from sparse_jax.cli import fail as _fail
 from sparse_jax.cli import flag_error_message as _flag_error_message
 from sparse_jax.cli import show_progress as _show_progress
@@ -25,11 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                                "summary.json. Rerunning on it resumes the run.")
-_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "sparse_jax",
-                                          "xla"),
-    "JAX persistent compilation cache, so reruns and resumes skip recompiling "
-    "('' disables it).")
+_CACHE_DIR = cli.define_compilation_cache_flag("so reruns and resumes skip recompiling")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print the "
                              "config, mesh, parameter table and the memory per device "
                              "of a few meshes, and exit (never connects processes).")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from sparse_jax import metric_log, stats
+from sparse_jax import config_schema, metric_log, stats
 
 CONFIG_FILE, SUMMARY_FILE = "config.json", "summary.json"
 BASELINE = "vanilla"
@@ -89,14 +89,10 @@ def _run_dirs(path: epath.Path):
         yield from _run_dirs(child)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
-  return out
+def _flatten(d: dict) -> dict[str, Any]:
+  """Dotted keys of a config.json, lists as JSON text (hashable, comparable)."""
+  return {k: json.dumps(v) if isinstance(v, list) else v
+          for k, v in config_schema.flatten(d).items()}
 
 
 def _sort_key(value):

@@ -51,11 +51,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The study directory (study.json
                                "report/). Rerunning on it resumes the study.")
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print one `python -m sparse_jax.main` "
                            "command per run (shell-quoted) and exit without running.")
-_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "sparse_jax",
-                                          "xla"),
-    "JAX persistent compilation cache ('' disables it); passed on to the printed commands "
-    "when given.")
+_CACHE_DIR = cli.define_compilation_cache_flag("passed on to the printed commands when "
+                                               "given")
 
 
 @dataclasses.dataclass(frozen=True)

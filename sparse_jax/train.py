@@ -345,16 +345,6 @@ def workdir_path(workdir: str) -> epath.Path:
   return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def config_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
@@ -370,10 +360,10 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     _check_local_writable(str(path))
   saved = path / CONFIG_FILE
   if saved.exists():
-    old = _flatten(json.loads(saved.read_text()))
-    new = _flatten(json.loads(config_json(config)))
+    old = config_schema.flatten(json.loads(saved.read_text()))
+    new = config_schema.flatten(json.loads(config_json(config)))
     # Keys added to the schema after that run started are fine at their defaults.
-    defaults = _flatten(json.loads(config_json(config_schema.defaults_for(config))))
+    defaults = config_schema.flatten(json.loads(config_json(config_schema.defaults_for(config))))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not (
         k not in old and k in defaults and new.get(k) == defaults[k]))
     if diff:
