@@ -60,3 +60,18 @@ def flag_error_message(error: Exception) -> str:
             "directory, optionally with ':variant').")
   first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
   return f"{first}\nFix: see --helpshort for the flags and their values."
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser of the CLIs: a missing --config or a bad flag exits with the
+  two-line error instead of absl's usage dump."""
+  try:
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS.config is None:
+      raise ConfigError("No --config given.\nFix: pass --config=configs/default.py.")
+    return argv
+  except ConfigError as e:
+    fail(str(e))
+  except (flags.Error, AttributeError, KeyError, OSError) as e:
+    fail(flag_error_message(e))
+    raise  # Unreachable: fail exits.

@@ -226,7 +226,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("sparsity.projection_timing", s.projection_timing,
           ("after_update", "before_update"))
   _choice("optimizer.schedule", o.schedule, ("cosine", "constant", "inverse_sqrt"))
-  _choice("optimizer.name", o.get("name", "adamw"), ("adamw", "sgd"))
+  _choice("optimizer.name", o.name, ("adamw", "sgd"))
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
   _choice("model.name", m.name, MODELS)
   _validate_mlp_kernel(c)

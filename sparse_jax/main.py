@@ -110,22 +110,9 @@ def _load_config():
     _fail(_flag_error_message(e))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    argv = flags.FLAGS(argv)
-    if flags.FLAGS.config is None:
-      raise ConfigError("No --config given.\nFix: pass --config=configs/default.py.")
-    return argv
-  except ConfigError as e:
-    _fail(str(e))
-  except (flags.Error, AttributeError, KeyError, OSError) as e:
-    _fail(_flag_error_message(e))
-    raise  # Unreachable: _fail exits.
-
-
 def run() -> None:
   """The console entry point."""
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -333,7 +333,7 @@ def main(argv) -> None:
       train.check_workdir(run.workdir, config)
     root = train.workdir_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    train._write_json_atomic(root / STUDY_FILE, spec)  # pylint: disable=protected-access
+    train.write_json_atomic(root / STUDY_FILE, spec)
     _say(f"{len(runs)} runs: {len(grid_points(grid))} grid point(s) x {len(variants)} "
          f"variant(s) x {len(seeds)} seed(s) in {root / RUNS_DIR}")
     failed = run_study(runs, configs, workdir)
@@ -348,21 +348,8 @@ def main(argv) -> None:
              "rerun the study in a new --workdir.")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    argv = flags.FLAGS(argv)
-    if flags.FLAGS.config is None:
-      raise ConfigError("No --config given.\nFix: pass --config=configs/default.py.")
-    return argv
-  except ConfigError as e:
-    cli.fail(str(e))
-  except (flags.Error, AttributeError, KeyError, OSError) as e:
-    cli.fail(cli.flag_error_message(e))
-    raise  # Unreachable: fail exits.
-
-
 def run() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

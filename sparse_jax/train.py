@@ -96,7 +96,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   chain = []
   if o.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  if o.get("name", "adamw") == "sgd":
+  if o.name == "sgd":
     # As torch.optim.SGD's weight_decay (the residual-MLP experiment's optimizer):
     # wd * w added to the gradient before the step.
     if o.weight_decay:
@@ -363,7 +363,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     old = config_schema.flatten(json.loads(saved.read_text()))
     new = config_schema.flatten(json.loads(config_json(config)))
     # Keys added to the schema after that run started are fine at their defaults.
-    defaults = config_schema.flatten(json.loads(config_json(config_schema.defaults_for(config))))
+    defaults = config_schema.flatten(
+        json.loads(config_json(config_schema.defaults_for(config))))
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not (
         k not in old and k in defaults and new.get(k) == defaults[k]))
     if diff:
@@ -390,7 +391,8 @@ def _check_local_writable(path: str) -> None:
                       f"{fix}") from None
 
 
-def _write_json_atomic(path: epath.Path, payload: Any) -> None:
+def write_json_atomic(path: epath.Path, payload: Any) -> None:
+  """Writes JSON through a temporary file and a rename: readers never see half a file."""
   tmp = path.parent / f"{path.name}.tmp"
   tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=list))
   tmp.replace(path)
@@ -486,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_chief = jax.process_index() == 0
   root.mkdir(parents=True, exist_ok=True)
   if is_chief and not (root / CONFIG_FILE).exists():
-    _write_json_atomic(root / CONFIG_FILE, json.loads(config_json(config)))
+    write_json_atomic(root / CONFIG_FILE, json.loads(config_json(config)))
   checkpointer = ckpt_lib.Checkpointer(str(root), save_every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
@@ -508,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "density %.4f", config.finetune.checkpoint, before["loss"],
              before["accuracy"], before.get("activation_density/mean", float("nan")))
     if is_chief:
-      _write_json_atomic(root / BEFORE_FILE, before)
+      write_json_atomic(root / BEFORE_FILE, before)
   log.info("Model: %s parameters; mesh %s; training steps %d -> %d.",
            f"{exp.num_params:,}", dict(mesh.shape), start_step, config.num_steps)
 
@@ -612,7 +614,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt_lib.export_params(export, jax.jit(lora.merge)(state.params))
     summary["export_dir"] = str(export)
   if is_chief:
-    _write_json_atomic(summary_path, summary)
+    write_json_atomic(summary_path, summary)
   writer.close()
   log.info("Done: eval accuracy %.4f, eval activation density %.4f; summary in %s",
            summary.get("eval/accuracy", float("nan")),
