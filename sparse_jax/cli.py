@@ -19,6 +19,14 @@ def define_compilation_cache_flag(purpose: str) -> flags.FlagHolder:
                              "it).")
 
 
+def use_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` ('' = leave it off)."""
+  if directory:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def fail(message: str) -> None:
   print(f"sparse_jax: error: {message}", file=sys.stderr)
   sys.exit(1)

@@ -68,10 +68,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   options = _distributed_options()
   config = _load_config()
-  if _CACHE_DIR.value:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cli.use_compilation_cache(_CACHE_DIR.value)
   if not _DRY_RUN.value:
     if not _WORKDIR.value:
       _fail("No --workdir given.\nFix: pass --workdir=/path/to/run_dir.")

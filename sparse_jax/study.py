@@ -244,11 +244,6 @@ def check_study_file(workdir: str, spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- running
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def _say(message: str) -> None:
   print(f"[sparse_jax study {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
         flush=True)
@@ -265,7 +260,7 @@ def run_study(runs: list[Run], configs: list, workdir: str) -> list[str]:
     line = f"run {i + 1}/{len(runs)} {run.point} {run.variant} seed {run.seed}"
     if walls:
       left = todo - len(walls) - len(failed)
-      line += (f" | study ETA {_format_eta(left * sum(walls) / len(walls))} "
+      line += (f" | study ETA {train.format_eta(left * sum(walls) / len(walls))} "
                f"(mean {sum(walls) / len(walls):.0f} s per run)")
     _say(line + (" (finished earlier)" if finished[i] else ""))
     start = time.time()
@@ -322,10 +317,7 @@ def main(argv) -> None:
     return
 
   cli.show_progress()
-  if _CACHE_DIR.value:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cli.use_compilation_cache(_CACHE_DIR.value)
   from etils import epath  # pylint: disable=import-outside-toplevel
   from sparse_jax import report, train  # pylint: disable=import-outside-toplevel
   try:

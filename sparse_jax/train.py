@@ -413,7 +413,8 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.M
 
 
 # ----------------------------------------------------------------------------- loop
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
+  """H:MM:SS of a non-negative number of seconds."""
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -567,7 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log.info("step %d/%d | loss %.4f | accuracy %.3f | activation density %.4f | "
                  "%.1f steps/s | ETA %s", done, config.num_steps, scalars["loss"],
                  scalars["accuracy"], scalars.get("activation_density/mean", float("nan")),
-                 rate, _format_eta((config.num_steps - done) / max(rate, 1e-9)))
+                 rate, format_eta((config.num_steps - done) / max(rate, 1e-9)))
         interval_start, interval_steps = time.time(), 0
       if done % config.eval_every == 0 or done == config.num_steps:
         check_finite(*pending)
