@@ -407,3 +407,158 @@ def test_validation_datasets_on_mock_data(tmp_path, monkeypatch, name, channels)
   assert len(evals) == 2 and evals[0]['image'].shape == (4, 32, 32, 3)
   np.testing.assert_array_equal(
       np.concatenate([b['mask'] for b in evals]), [1] * 6 + [0] * 2)
+
+
+# ------------------------------------------- official ViT recipe (issue 19) --
+
+def _pil_reference_image():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  y, x = np.mgrid[0:64, 0:64]
+  image = np.stack([40 + 3 * x, 40 + 3 * y, 100 + 2 * (x - y)], -1)
+  image = np.clip(image + rng.randint(-9, 10, image.shape), 0, 255).astype(np.uint8)
+  return image, Image.fromarray(image)
+
+
+def test_torchvision_scale_matches_pil_ops_at_magnitude_9():
+  """torchvision's RandAugment(magnitude=9, num_magnitude_bins=31) runs PIL ops at
+  9/30 of each range; the 'torchvision' scale must produce the same images."""
+  from PIL import Image, ImageEnhance, ImageOps  # pylint: disable=g-import-not-at-top
+  image, pil = _pil_reference_image()
+
+  def ours(name, sign=1.0, scale='torchvision'):
+    return randaugment.apply_op(tf.constant(image), name, 9, sign, scale).numpy()
+
+  inner = (slice(16, 48), slice(16, 48))  # Rotations differ at the filled corners.
+
+  def rotation_error(out, degrees):
+    ref = np.asarray(pil.rotate(degrees, resample=Image.BILINEAR), np.float32)
+    return np.abs(out[inner] - ref[inner]).mean()
+
+  # Rotation by +-9 degrees (big_vision's magnitude 9 of 10: 27 degrees).
+  assert rotation_error(ours('rotate'), 9) < 1.5
+  assert rotation_error(ours('rotate', -1.0), -9) < 1.5
+  assert rotation_error(ours('rotate'), 27) > 5
+  assert rotation_error(ours('rotate', scale='big_vision'), 27) < 1.5
+  np.testing.assert_array_equal(ours('rotate')[0, 0], [0, 0, 0])  # Black fill.
+  # Solarize above 178.5, posterize to 7 bits: exactly PIL's.
+  np.testing.assert_array_equal(ours('solarize'), ImageOps.solarize(pil, 178.5))
+  np.testing.assert_array_equal(ours('posterize'), ImageOps.posterize(pil, 7))
+  # Enhance factors 1 +- 0.27 (up to rounding).
+  for name, enhancer in (('brightness', ImageEnhance.Brightness),
+                         ('color', ImageEnhance.Color)):
+    for sign in (1.0, -1.0):
+      ref = np.asarray(enhancer(pil).enhance(1 + 0.27 * sign), np.float32)
+      assert np.abs(ours(name, sign) - ref).max() <= 1, (name, sign)
+  # Translation by int(0.3 * 150/331 * 64) = 8 whole pixels.
+  ref = pil.transform(pil.size, Image.AFFINE, (1, 0, 8, 0, 1, 0), resample=Image.BILINEAR)
+  np.testing.assert_array_equal(ours('translate_x'), ref)
+
+
+def test_torchvision_scale_in_pipeline(digits_dir, plain_batch):
+  config = make_config(digits_dir, batch_size=16, input_crop='none',
+                       input_label_smoothing=0.0, input_randaugment_layers=2,
+                       input_randaugment_magnitude=9,
+                       input_randaugment_scale='torchvision')
+  batch = next(images.train_iterator(config))
+  big_vision = next(images.train_iterator(make_config(
+      digits_dir, batch_size=16, input_crop='none', input_label_smoothing=0.0,
+      input_randaugment_layers=2, input_randaugment_magnitude=9)))
+  np.testing.assert_array_equal(batch['label'], plain_batch['label'][:16])
+  # Same op choices, a third of the strength: mostly changed, but less.
+  change = lambda b: np.abs(b['image'] - plain_batch['image'][:16]).mean()
+  assert 0 < change(batch) < change(big_vision)
+
+
+def mixed_config(digits_dir, mix_targets):
+  return make_config(digits_dir, batch_size=64, input_crop='none',
+                     input_mixup_alpha=0.2, input_cutmix_alpha=1.0,
+                     input_label_smoothing=0.11, input_mix_targets=mix_targets)
+
+
+def test_hard_mix_targets_are_one_hot_before_smoothing(digits_dir):
+  hard = take(images.train_iterator(mixed_config(digits_dir, 'hard')), 4)
+  soft = take(images.train_iterator(mixed_config(digits_dir, 'soft')), 4)
+  plain = take(images.train_iterator(make_config(
+      digits_dir, batch_size=64, input_crop='none')), 4)
+  low, high = 0.11 / 10, 1 - 0.11 + 0.11 / 10
+  for h, s, p in zip(hard, soft, plain):
+    np.testing.assert_array_equal(h['image'], s['image'])  # The same mixing.
+    labels = h['label']
+    assert np.all(np.isclose(labels, low) | np.isclose(labels, high))
+    assert np.all(np.isclose(labels, high).sum(-1) == 1)
+    # The class with the larger share of the mixed (soft) target.
+    np.testing.assert_array_equal(labels.argmax(-1), s['label'].argmax(-1))
+  # The images are mixed, and the soft targets hold two classes where they are.
+  assert any(np.abs(h['image'] - p['image']).max() > 0.1 for h, p in zip(hard, plain))
+  two_classes = [(s['label'] > 0.05).sum(-1) == 2 for s in soft]
+  assert np.mean(np.concatenate(two_classes)) > 0.3
+
+
+def repeated_config(digits_dir, **overrides):
+  return make_config(digits_dir, batch_size=96, eval_batch_size=96,
+                     input_repeated_augmentation=3,
+                     input_label_smoothing=0.0, **overrides)
+
+
+def _epochs(config, process_count, epochs=1):
+  """[{process: batches}] of the first `epochs` repeated-augmentation epochs (15
+  steps each)."""
+  runs = {p: take(images.train_iterator(config, process_index=p,
+                                        process_count=process_count), 15 * epochs)
+          for p in range(process_count)}
+  return [{p: batches[15 * e:15 * (e + 1)] for p, batches in runs.items()}
+          for e in range(epochs)]
+
+
+def _positions(epoch):
+  """{image bytes: [(process, step, index in the local batch)]}."""
+  seen = collections.defaultdict(list)
+  for p, batches in epoch.items():
+    for step, batch in enumerate(batches):
+      for i, image in enumerate(batch['image']):
+        seen[image.tobytes()].append((p, step, i))
+  return seen
+
+
+@pytest.mark.parametrize('process_count', [1, 3])
+def test_repeated_augmentation_epoch(digits_dir, process_count):
+  """An epoch of 1500 // 96 = 15 steps reads 480 digits, 3 times each: on 3
+  processes each copy on its own process; on one, >= 96 / 3 positions apart, so on
+  different devices of a batch split over 3 or more."""
+  plain, second = _epochs(repeated_config(digits_dir, input_crop='none'),
+                          process_count, epochs=2)
+  seen = _positions(plain)
+  assert len(seen) == 15 * 96 // 3
+  assert all(len(where) == 3 for where in seen.values())
+  local = 96 // process_count
+  for where in seen.values():
+    if process_count == 3:
+      assert len({p for p, _, _ in where}) == 3
+    elif len({step for _, step, _ in where}) == 1:
+      devices = {i // (local // 3) for _, _, i in where}
+      assert len(devices) == 3
+  # Each copy has its own augmentation: same positions with crops and flips on.
+  augmented, = _epochs(repeated_config(digits_dir, input_flip=True), process_count)
+  distinct = 0
+  for where in seen.values():
+    copies = {augmented[p][s]['image'][i].tobytes() for p, s, i in where}
+    distinct += len(copies) > 1
+  assert distinct > 0.9 * len(seen)
+  # The next epoch draws another third of the images.
+  assert len(_positions(second).keys() - seen.keys()) > 200
+
+
+def test_repeated_augmentation_resumes_exactly(digits_dir):
+  config = repeated_config(digits_dir, input_flip=True, input_mixup_alpha=0.2)
+  run = take(images.train_iterator(config, process_index=1, process_count=2), 18)
+  for step in (7, 16):  # Inside the first epoch; inside the second.
+    resumed = next(images.train_iterator(config, start_step=step, process_index=1,
+                                         process_count=2))
+    np.testing.assert_array_equal(resumed['image'], run[step]['image'])
+    np.testing.assert_array_equal(resumed['label'], run[step]['label'])
+
+
+def test_spread_copies_is_a_strided_permutation():
+  order = images.spread_copies(10, 3).numpy()
+  np.testing.assert_array_equal(order, [0, 3, 6, 9, 1, 4, 7, 2, 5, 8])

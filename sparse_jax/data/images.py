@@ -10,6 +10,18 @@ All randomness is stateless and keyed by (config.seed, epoch | example counter
 uninterrupted run. Whole epochs are skipped for free (each epoch's shuffle
 seed depends only on its index); within the resumed epoch the skipped records
 are read but never decoded.
+
+Repeated augmentation (`input.repeated_augmentation` = r > 1, the official ViT
+recipe's `RASampler` with r = 3): an epoch is `train examples // batch_size`
+steps, in which 1/r of the images are each seen r times, every copy with its
+own augmentation. The split is cut into one shard per process; each epoch
+every shard is shuffled with a seed of (epoch, shard) alone, so the processes
+that read a shard agree on its order, and process p takes copy c of the j-th
+image of shard (p - c) mod P at its local position r j + c. The r copies of
+an image thus land on r different processes when there are at least r, at
+nearly the same step; with fewer processes, each local batch is laid out in r
+strided groups, so copies sit >= batch / r - 1 positions apart, on different
+devices once the local batch is split over more than r of them.
 """
 
 import math
@@ -65,7 +77,8 @@ def _randaugment(config, image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
   if not layers:
     return image
   magnitude = sources.input_value(config, 'randaugment_magnitude')
-  return randaugment.randaugment(image, layers, magnitude, key)
+  return randaugment.randaugment(image, layers, magnitude, key,
+                                 sources.input_value(config, 'randaugment_scale'))
 
 
 def _augment_digits(config, images: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
@@ -89,10 +102,118 @@ def _augment_digits(config, images: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
   return preprocess.normalize(images)
 
 
-def _soft_labels(config, spec: sources.Spec, labels: tf.Tensor) -> tf.Tensor:
+def targets(config, labels: tf.Tensor, num_classes: int, *, images: tf.Tensor,
+            seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Mixup / CutMix of a batch, then its training targets [B, K].
+
+  `input.mix_targets`: 'soft' keeps the mixed one-hot targets; 'hard' (the
+  official ViT recipe) replaces each by the one-hot of its argmax, the class
+  with the larger share. Label smoothing (`input.label_smoothing`) comes last.
+
+  Returns:
+    (mixed images, targets summing to 1).
+  """
+  images, mixed = mixing.mix_batch(
+      images, tf.one_hot(labels, num_classes), seed=seed,
+      mixup_alpha=sources.input_value(config, 'mixup_alpha'),
+      cutmix_alpha=sources.input_value(config, 'cutmix_alpha'))
+  if sources.input_value(config, 'mix_targets') == 'hard':
+    mixed = tf.one_hot(tf.argmax(mixed, axis=-1), num_classes)
   smoothing = sources.input_value(config, 'label_smoothing')
-  one_hot = tf.one_hot(labels, spec.num_classes)
-  return one_hot * (1.0 - smoothing) + smoothing / spec.num_classes
+  return images, mixed * (1.0 - smoothing) + smoothing / num_classes
+
+
+def spread_copies(batch: int, repetitions: int) -> tf.Tensor:
+  """The gather order that lays a local batch out as `repetitions` strided groups
+  (positions 0, r, 2r, ... first, then 1, r + 1, ...): consecutive examples, such
+  as the copies of a repeated image, end up >= batch // r - 1 positions apart."""
+  return tf.constant([i for c in range(repetitions)
+                      for i in range(c, batch, repetitions)], tf.int32)
+
+
+def _repeated_epochs(config, spec: sources.Spec, decode_small, start_step: int,
+                     process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
+  """This process's records for repeated augmentation (see the module docstring)
+  from `start_step` on, and the local example counter of the first."""
+  reps = sources.input_value(config, 'repeated_augmentation')
+  batch = config.batch_size // process_count
+  total = int(sources.read_records(config, spec.train_split).cardinality())
+  steps = total // config.batch_size  # Per epoch, as the official RASampler.
+  local = steps * batch  # Local examples per epoch.
+  per_shard = -(-local // reps)  # Images each shard gives per epoch.
+  shards = tfds.even_splits(spec.train_split, n=process_count)
+  # The shard of each copy c, and the distinct shards this process reads.
+  sources_of_copy = [(process_index - c) % process_count for c in range(reps)]
+  read = list(dict.fromkeys(sources_of_copy))
+  records = {}
+  for s in read:
+    records[s] = sources.read_records(config, shards[s])
+    if int(records[s].cardinality()) < per_shard:
+      raise sources.error(
+          f'{config.dataset} has {total} training examples: with '
+          f'repeated_augmentation={reps}, batch_size={config.batch_size} and '
+          f'{process_count} processes, a shard of {int(records[s].cardinality())} '
+          f'gives fewer than the {per_shard} images an epoch needs.',
+          'use fewer processes or --config.input.repeated_augmentation=1')
+    if decode_small is not None:
+      records[s] = records[s].map(_plain(decode_small)).cache()
+  shuffle_key = _key(config, _SHUFFLE_TAG)
+  # The buffers together hold what one unrepeated shuffle buffer would.
+  buffer = -(-sources.input_value(config, 'shuffle_buffer') // len(read))
+
+  def epoch(index):
+    def shuffled(s):
+      # Seeded by (epoch, shard) only: every process reading shard s agrees.
+      seed = tf.random.stateless_uniform(
+          [], _fold(_fold(shuffle_key, index), s), minval=None, maxval=None,
+          dtype=tf.int64)
+      return records[s].shuffle(buffer, seed=seed).take(per_shard)
+
+    def copies(*rows):
+      by_shard = dict(zip(read, rows))
+      return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
+          lambda *xs: tf.stack(xs), *[by_shard[s] for s in sources_of_copy]))
+
+    return tf.data.Dataset.zip(tuple(shuffled(s) for s in read)).flat_map(
+        _plain(copies)).take(local)
+
+  if steps < 1:
+    raise sources.error(
+        f'{config.dataset} has {total} training examples, fewer than one '
+        f'batch of {config.batch_size}.', 'pass a smaller --config.batch_size')
+  first = start_step * batch
+  start_epoch, offset = divmod(first, local)
+  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(_plain(epoch))
+  return ds.skip(offset), first
+
+
+def _epochs(config, spec: sources.Spec, decode_small, start_step: int,
+            process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
+  """This process's records, one reshuffled pass over its shard per epoch, from
+  `start_step` on, and the local example counter of the first."""
+  batch = config.batch_size // process_count
+  shard = tfds.even_splits(spec.train_split, n=process_count)[process_index]
+  records = sources.read_records(config, shard)
+  epoch_size = int(records.cardinality())
+  if epoch_size < 1:
+    raise sources.error(
+        f'Process {process_index}/{process_count} got no {config.dataset} '
+        'training examples.', 'use fewer processes or a larger dataset')
+  if decode_small is not None:
+    records = records.map(_plain(decode_small)).cache()
+  shuffle_key = _key(config, _SHUFFLE_TAG)
+  buffer = sources.input_value(config, 'shuffle_buffer')
+
+  def epoch(index):
+    # A fresh, seeded order each epoch that depends only on the epoch index.
+    seed = tf.random.stateless_uniform(
+        [], _fold(shuffle_key, index), minval=None, maxval=None, dtype=tf.int64)
+    return records.shuffle(buffer, seed=seed)
+
+  first = start_step * batch  # Local example counter of the first example.
+  start_epoch, offset = divmod(first, epoch_size)
+  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(_plain(epoch))
+  return ds.skip(offset), first  # Before any decoding: skipped records stay bytes.
 
 
 def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
@@ -114,35 +235,20 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   sources.configure_tf()
   spec = sources.validate(config, process_count)
   batch = config.batch_size // process_count
-  shard = tfds.even_splits(spec.train_split, n=process_count)[process_index]
-  records = sources.read_records(config, shard)
-  epoch_size = int(records.cardinality())
-  if epoch_size < 1:
-    raise sources.error(
-        f'Process {process_index}/{process_count} got no {config.dataset} '
-        'training examples.', 'use fewer processes or a larger dataset')
   per_example = spec.crops[0] == 'inception'  # Variable-size JPEGs.
-  if not per_example:
-    # Small images decode into little memory (1,500 digits: ~100 KB; CIFAR-10:
-    # 150 MB): decoding them once beats re-decoding (or skipping encoded
-    # records) every epoch.
-    records = records.map(_plain(lambda r: {
-        'image': preprocess.decode_small(r['image'], spec.stored_shape),
-        'label': r['label']}))
-    records = records.cache()
-  shuffle_key = _key(config, _SHUFFLE_TAG)
-  buffer = sources.input_value(config, 'shuffle_buffer')
-
-  def epoch(index):
-    # A fresh, seeded order each epoch that depends only on the epoch index.
-    seed = tf.random.stateless_uniform(
-        [], _fold(shuffle_key, index), minval=None, maxval=None, dtype=tf.int64)
-    return records.shuffle(buffer, seed=seed)
-
-  first = start_step * batch  # Local example counter of the first example.
-  start_epoch, offset = divmod(first, epoch_size)
-  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(_plain(epoch))
-  ds = ds.skip(offset)  # Before any decoding: skipped records stay bytes.
+  # Small images decode into little memory (1,500 digits: ~100 KB; CIFAR-10:
+  # 150 MB): decoding them once beats re-decoding (or skipping encoded
+  # records) every epoch.
+  decode_small = None if per_example else (lambda r: {
+      'image': preprocess.decode_small(r['image'], spec.stored_shape),
+      'label': r['label']})
+  reps = sources.input_value(config, 'repeated_augmentation')
+  if reps > 1:
+    ds, first = _repeated_epochs(config, spec, decode_small, start_step,
+                                 process_index, process_count)
+  else:
+    ds, first = _epochs(config, spec, decode_small, start_step, process_index,
+                        process_count)
   if per_example:
     example_key = _key(config, _EXAMPLE_TAG)
 
@@ -156,17 +262,19 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
         _plain(example), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch, drop_remainder=True).enumerate(start=start_step)
   batch_key = _fold(_key(config, _BATCH_TAG), process_index)
+  # Fewer processes than copies: keep a local batch's copies apart (devices).
+  order = spread_copies(batch, reps) if 1 < reps and process_count < reps else None
 
   def finish_batch(step, examples):
     aug_key, mix_key = tf.unstack(tf.random.experimental.stateless_split(
         _fold(batch_key, step), 2))
+    if order is not None:
+      examples = tf.nest.map_structure(lambda x: tf.gather(x, order), examples)
     images = examples['image']
     if not per_example:
       images = _augment_digits(config, images, aug_key)
-    images, labels = mixing.mix_batch(
-        images, _soft_labels(config, spec, examples['label']), seed=mix_key,
-        mixup_alpha=sources.input_value(config, 'mixup_alpha'),
-        cutmix_alpha=sources.input_value(config, 'cutmix_alpha'))
+    images, labels = targets(config, examples['label'], spec.num_classes,
+                             images=images, seed=mix_key)
     return {'image': images, 'label': labels}
 
   ds = ds.map(_plain(finish_batch), num_parallel_calls=tf.data.AUTOTUNE)

@@ -45,7 +45,8 @@ _IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 _INPUT_DEFAULTS = dict(shuffle_buffer=10_000, crop=None, flip=False,
                        randaugment_layers=0, randaugment_magnitude=0,
                        mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
-                       eval_resize=256, num_threads=0)
+                       eval_resize=256, num_threads=0, randaugment_scale='big_vision',
+                       mix_targets='soft', repeated_augmentation=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,16 @@ def validate(config, process_count: int = 1) -> Spec:
   if not 0.0 <= input_value(config, 'label_smoothing') < 1.0:
     raise error('config.input.label_smoothing must be in [0, 1).',
                 'pass e.g. --config.input.label_smoothing=0.1')
+  choices = {'randaugment_scale': ('big_vision', 'torchvision'),
+             'mix_targets': ('soft', 'hard')}
+  for key, allowed in choices.items():
+    if input_value(config, key) not in allowed:
+      raise error(f'config.input.{key}={input_value(config, key)!r} is not one of '
+                  f'{", ".join(allowed)}.', f'pass --config.input.{key}={allowed[0]}')
+  reps = input_value(config, 'repeated_augmentation')
+  if not (isinstance(reps, int) and reps >= 1):
+    raise error(f'config.input.repeated_augmentation={reps!r} must be an integer >= 1.',
+                'pass --config.input.repeated_augmentation=3 (1 = off)')
   return spec
 
 
