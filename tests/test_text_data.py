@@ -53,9 +53,11 @@ def no_network(monkeypatch):
 
 def reconstruct(inputs: np.ndarray, targets: np.ndarray,
                 num_pieces: int = PIECES) -> np.ndarray:
-  """The raw chunk: every sentinel in `inputs` replaced by its span of `targets`."""
-  inputs = list(inputs[:list(inputs).index(EOS)])
-  targets = list(targets[:list(targets).index(EOS)])
+  """The raw chunk: every sentinel in `inputs` replaced by its span of `targets`
+  (each ends with the EOS span corruption appends, before any padding; the chunk
+  itself may hold EOS tokens that end documents)."""
+  inputs = list(np.trim_zeros(inputs, 'b')[:-1])
+  targets = list(np.trim_zeros(targets, 'b')[:-1])
   spans, current = {}, None
   for t in targets:
     if t >= num_pieces:
@@ -369,6 +371,37 @@ def test_train_batches_pack_documents_in_file_order(text_dir, doc_ids):
   ends = np.cumsum([len(d) for d in doc_ids['train']])
   ends = ends[ends < len(stream)]
   assert np.any(ends % TOKENS != 0) and len(ends) > 10
+
+
+def test_eos_ends_every_document_before_packing(text_dir, doc_ids):
+  """text.document_separator='eos' (the official collator, T5's pipelines): the
+  packed stream is the documents each followed by EOS, so every chunk has EOS at
+  each document end inside it; train and eval alike, resumable from a state."""
+  config = make_config(text_dir, text_shuffle_window=1, text_document_separator='eos')
+  iterator = text.train_iterator(config)
+  batches = take(iterator, 6)
+  state = iterator.state()
+  iterator.close()
+  stream = stream_of(batches)
+  ended = [np.append(d, EOS) for d in doc_ids['train']]
+  np.testing.assert_array_equal(stream, np.concatenate(ended)[:len(stream)])
+  ends = np.cumsum([len(d) for d in ended])
+  ends = ends[ends <= len(stream)]
+  assert len(ends) > 10 and np.any(ends % TOKENS != 0)
+  np.testing.assert_array_equal(stream[ends - 1], EOS)
+  assert np.sum(stream == EOS) == len(ends)  # Nothing else is EOS.
+  resumed = text.train_iterator(config, state=state)
+  np.testing.assert_array_equal(
+      stream_of(take(resumed, 2)), np.concatenate(ended)[len(stream):][:2 * 8 * TOKENS])
+  resumed.close()
+  evals = list(text.eval_iterator(config))
+  eval_stream = stream_of(evals)
+  np.testing.assert_array_equal(
+      eval_stream, np.concatenate([np.append(d, EOS) for d in doc_ids['validation']]))
+  # 'none' (the default here): documents back to back, no EOS inside the stream.
+  plain = stream_of(take(text.train_iterator(make_config(text_dir,
+                                                         text_shuffle_window=1)), 2))
+  assert not np.any(plain == EOS)
 
 
 def segment(stream: np.ndarray, docs: list[np.ndarray]) -> list[int]:

@@ -1,8 +1,9 @@
 """T5 span-corruption input pipeline for `python_reference_text` and `c4/en`.
 
 Documents are read through TFDS in file order, tokenized with SentencePiece,
-concatenated without separators and cut into chunks of `tokens_length` raw
-tokens (T5's "packing"), and each chunk is span-corrupted into exactly
+ended with EOS (`text.document_separator='eos'`, as T5's own pipelines and the
+official collator; 'none' concatenates them with no separator), concatenated
+and cut into chunks of `tokens_length` raw tokens (T5's "packing"), and each chunk is span-corrupted into exactly
 `inputs_length` encoder and `targets_length` decoder tokens. Batches are numpy
 arrays in the layout of T5X's encoder-decoder models.
 
@@ -126,6 +127,11 @@ def validate(config, process_count: int = 1) -> tuple[Spec, int]:
         f'mean_noise_span_length={text.mean_noise_span_length}) gives '
         f'{targets_length} targets.',
         f'pass --config.text.targets_length={targets_length}')
+  separator = text.get('document_separator', 'none')
+  if separator not in ('eos', 'none'):
+    raise sources.error(
+        f'config.text.document_separator={separator!r} is not one of eos, none.',
+        'pass --config.text.document_separator=eos (or none)')
   if text.shuffle_window < 1:
     raise sources.error(
         f'config.text.shuffle_window={text.shuffle_window} must be positive.',
@@ -221,6 +227,15 @@ def _read_texts(config, builder, split: Any, batch: int) -> tf.data.Dataset:
                           read_config=read_config)
   ds = ds.map(_plain(lambda ex: ex[_TEXT])).batch(batch).prefetch(1)
   return ds.with_options(sources.data_options(config))
+
+
+def _separated(config, vocab: tokenizer.Vocabulary,
+               docs: list[list[int]]) -> list[list[int]]:
+  """Token ids of documents as they are packed: each ended by EOS with
+  `text.document_separator='eos'`, as they are with 'none'."""
+  if config.text.get('document_separator', 'none') == 'eos':
+    return [list(doc) + [vocab.eos_id] for doc in docs]
+  return docs
 
 
 def _decode(texts: np.ndarray) -> list[str]:
@@ -395,7 +410,8 @@ class _TrainStream:
       ).permutation(len(batch))
       first = first_doc - w * window if w == first_window else 0
       for i in range(first, len(batch), _ENCODE_BATCH):
-        ids = self._vocab.encode(_decode(batch[order[i:i + _ENCODE_BATCH]]))
+        ids = _separated(self._config, self._vocab, self._vocab.encode(
+            _decode(batch[order[i:i + _ENCODE_BATCH]])))
         for j, doc in enumerate(ids):
           yield w * window + i + j, doc
 
@@ -535,8 +551,9 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   """Endless iterator over this process's share of each global train batch.
 
   Every example is a full chunk of `tokens_length` tokens of the shard's
-  document stream (no padding; documents are concatenated without
-  separators, so an example can span several), span-corrupted with a seed
+  document stream (no padding; documents are concatenated, each ended by EOS
+  with text.document_separator='eos', so an example can span several),
+  span-corrupted with a seed
   from (config.seed, process_index, example counter).
 
   Args:
@@ -639,14 +656,16 @@ def eval_iterator(config, *, process_index: int = 0,
     # This process's even share of the limit.
     limit = limit // process_count + (process_index < limit % process_count)
     token_batches = (
-        vocab.encode(_decode(texts)) for texts in _read_texts(
+        _separated(config, vocab, vocab.encode(_decode(texts)))
+        for texts in _read_texts(
             config, builder, tfds.core.ReadInstruction(
                 _EVAL, from_=start, to=end, unit='abs'), _ENCODE_BATCH)
         .as_numpy_iterator()) if start < end else iter(())
   else:
     # Every process counts every shard's chunks to agree on the batch count.
     docs = [ids for texts in _read_texts(config, builder, _EVAL, 4096)
-            .as_numpy_iterator() for ids in vocab.encode(_decode(texts))]
+            .as_numpy_iterator()
+            for ids in _separated(config, vocab, vocab.encode(_decode(texts)))]
     counts = [_num_chunks(sum(len(d) for d in docs[a:b]), tokens_length)
               for a, b in (_shard_range(builder, _EVAL, i, process_count)
                            for i in range(process_count))]
