@@ -13,6 +13,9 @@ most Linen code: a module holding two `nn.Dense` with an activation between them
 Types cannot be read off a parameter tree, so the paths of the matched blocks are found
 by tracing the model's init shape-only (`find_mlp_blocks`, nothing is computed); from
 them `mlp_kernel_predicate` selects the kernels of those blocks for `noisy_apply`.
+
+This module knows nothing of the wrapper that uses it (`transforms.sparsify`): a module
+that wraps another and carries its own rule says so through `mlp_rule_target()`.
 """
 import dataclasses
 import re
@@ -93,15 +96,13 @@ def find_mlp_blocks(module: nn.Module, *args, match: Match = None,
   """Paths of the modules that `match` selects when `module` runs on `args`.
 
   Traces `module.init` shape-only (`jax.eval_shape`: nothing is allocated or
-  computed). A `Sparsified` module is looked into, with its own rule unless `match`
-  is given.
+  computed). A wrapper with a `mlp_rule_target()` method (a `Sparsified` module) is
+  looked into, with its own rule unless `match` is given.
   """
-  # Imported here: sparsify imports this module.
-  # pylint: disable-next=g-import-not-at-top
-  from sparse_jax.transforms.sparsify import Sparsified
-  if isinstance(module, Sparsified):
-    match = module.match if match is None else match
-    module = module.module
+  target = getattr(module, "mlp_rule_target", None)
+  if callable(target):
+    module, own_rule = target()
+    match = own_rule if match is None else match
   rule = mlp_rule(match)
   found: list[Path] = []
 
@@ -129,3 +130,36 @@ def mlp_kernel_predicate(block_paths: tuple[Path, ...]) -> Callable[[Path], bool
     return path[-1] == "kernel" and any(path[:len(b)] == b for b in blocks)
 
   return predicate
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCall:
+  """One call of a Dense/DenseGeneral by its parent module (trace-time values)."""
+  name: str
+  inputs: object
+  outputs: object
+
+
+def _shape(value) -> tuple[int, ...] | None:
+  return tuple(value.shape) if hasattr(value, "shape") else None
+
+
+def looks_like_mlp(calls: list[DenseCall]) -> bool:
+  """Whether a module's direct Dense calls have an MLP block's shape, whatever its name.
+
+  Two consecutive calls where the second's input has the first's output shape but is
+  another value (something elementwise ran between them): Dense -> f -> Dense; or a
+  gated block: two calls on one input with equal output shapes, then a call on that
+  shape (Dense, Dense -> f(gate) * up -> Dense). Attention modules, whose output
+  projection also reads a value of the value projection's shape, are excluded by the
+  caller.
+  """
+  for first, second in zip(calls, calls[1:]):
+    if (second.inputs is not first.outputs and second.inputs is not first.inputs
+        and _shape(second.inputs) == _shape(first.outputs)):
+      return True
+  for gate, up, down in zip(calls, calls[1:], calls[2:]):
+    if (up.inputs is gate.inputs and _shape(up.outputs) == _shape(gate.outputs)
+        == _shape(down.inputs)):
+      return True
+  return False

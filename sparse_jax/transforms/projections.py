@@ -16,11 +16,15 @@ block). See `resolve`.
 `with_projections(tx, rule)` wraps an optax GradientTransformation so that
 `optax.apply_updates(params, updates)` lands on the projected parameters; the plain
 function `project(params, step, rule)` is there for code that updates params itself.
+All of them take params with or without Flax's partitioning boxes
+(`nn.with_logical_partitioning` -> `nn.LogicallyPartitioned`, `nn.Partitioned`): the
+rule reads the values inside, and what comes back is boxed as what went in.
 """
 import dataclasses
 import re
 from typing import Any, Literal, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -65,6 +69,23 @@ class ProjectionRule:
   norm_scale_path: tuple[str, ...] | str = ("mlp_norm", "scale")
   norm_bias: NormBias | None = None
   require_match: bool = False
+
+
+def _is_box(value: Any) -> bool:
+  return isinstance(value, nn.meta.AxisMetadata)
+
+
+def _flat(params: Params) -> dict[Path, Any]:
+  """The params by path, their values out of any partitioning boxes."""
+  return {p: v.unbox() if _is_box(v) else v
+          for p, v in traverse_util.flatten_dict(dict(params)).items()}
+
+
+def _boxed_like(values: dict[Path, Any], like: Params) -> Params:
+  """`values` (by path) as a tree, each leaf in the box its path has in `like`."""
+  raw = traverse_util.flatten_dict(dict(like))
+  return traverse_util.unflatten_dict(
+      {p: raw[p].replace_boxed(v) if _is_box(raw.get(p)) else v for p, v in values.items()})
 
 
 def _ends_with(path: tuple[str, ...], suffix: tuple[str, ...]) -> bool:
@@ -121,7 +142,7 @@ def resolve(params: Params, rule: ProjectionRule
   Pure Python on the tree structure (runs once per trace under jit). A zeroth bias is
   paired with a norm only when clipping is on or the norm paths come from a regex.
   """
-  flat = traverse_util.flatten_dict(params)
+  flat = _flat(params)
   paths = set(flat)
   biases = sorted((p for p in flat if _is_zeroth_bias(p, rule)), key="/".join)
   pattern_norms = isinstance(rule.norm_scale_path, str)
@@ -167,7 +188,7 @@ def project(params: Params, step: jax.Array | int, rule: ProjectionRule) -> Para
   `norm_bias='zero'` zeroes the restricted norms' biases; 'freeze' needs the previous
   params and is applied by `with_projections`, not here.
   """
-  flat = traverse_util.flatten_dict(params)
+  flat = _flat(params)
   out = dict(flat)
   norms, pairs = resolve(params, rule)
   if rule.norm_projection is not None:
@@ -189,16 +210,16 @@ def project(params: Params, step: jax.Array | int, rule: ProjectionRule) -> Para
       # layer, and right for layers stacked by nn.scan ([layers, d], [layers, pos, d]).
       out[path] = ops.clip_zeroth_bias(flat[path], jnp.expand_dims(out[norm_path], -2),
                                        rule.zeroth_bias_clipping)
-  return traverse_util.unflatten_dict(out)
+  return _boxed_like(out, params)
 
 
 def _keep(target: Params, params: Params, paths: list[Path]) -> Params:
   """`target` with the leaves at `paths` taken from `params` (their update is 0)."""
   if not paths:
     return target
-  flat, old = traverse_util.flatten_dict(target), traverse_util.flatten_dict(params)
+  flat, old = _flat(target), _flat(params)
   flat.update({p: old[p] for p in paths})
-  return traverse_util.unflatten_dict(flat)
+  return _boxed_like(flat, target)
 
 
 class ProjectionState(NamedTuple):
@@ -233,7 +254,9 @@ def with_projections(tx: optax.GradientTransformation, rule: ProjectionRule, *,
       target = project(optax.apply_updates(params, updates), count, rule)
     if rule.norm_bias == "freeze":
       target = _keep(target, params, _norm_bias_paths(resolve(params, rule)[0],
-                                                      traverse_util.flatten_dict(params)))
+                                                      _flat(params)))
+    # Leaf by leaf inside the boxes: the updates keep the structure (and boxes) of the
+    # params, as the wrapped optimizer's did.
     updates = jax.tree.map(lambda t, p: (t - p).astype(p.dtype), target, params)
     return updates, ProjectionState(inner, count)
 

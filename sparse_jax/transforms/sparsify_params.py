@@ -1,7 +1,10 @@
 """The parameter side of `sparsify`: pretrained params and the optax projections.
 
 `merge_pretrained` loads a checkpoint of the original model into the sparsified one
-(same tree plus zero zeroth biases). `optax_projections` wraps any optax optimizer
+(same tree plus zero zeroth biases); `param_shapes` traces the sparsified model's
+param shapes with keyword arguments bound. Both, and `optax_projections`, take params
+with or without Flax's partitioning boxes (`nn.with_logical_partitioning`) and return
+them as they were given. `optax_projections` wraps any optax optimizer
 with the method's post-update projections, finding its parameters by path: the
 `zeroth_bias` leaves `sparsify` adds, and for each the norm feeding its MLP block: a
 sibling module of the block whose name matches a regex (`DEFAULT_NORM_PATTERN`), the
@@ -13,15 +16,17 @@ after every update, which equals a bias-free norm whatever the optimizer does to
 (weight decay, momentum). Finetuning ('uplift') freezes that bias instead: its update
 is zero, so it keeps the pretrained value.
 """
+import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
 from sparse_jax.transforms import projections
-from sparse_jax.transforms.sparsify import ZEROTH_BIAS
+from sparse_jax.transforms.sparsify_block import ZEROTH_BIAS
 
 # The zeroth biases `sparsify` creates, as a regex on the '/'-joined param path.
 ZEROTH_BIAS_PATTERN = r"(^|/)zeroth_bias$"
@@ -32,18 +37,54 @@ ZEROTH_BIAS_PATTERN = r"(^|/)zeroth_bias$"
 DEFAULT_NORM_PATTERN = r"(?i)norm|^ln"
 
 
-def merge_pretrained(params: Any, pretrained: Any) -> Any:
+def param_shapes(model: nn.Module, *args, method: str | None = None,
+                 **kwargs) -> Any:
+  """`model.init(rngs, *args, **kwargs)["params"]` as shapes (`jax.ShapeDtypeStruct`,
+  in the model's boxes if it has any), traced shape-only: nothing is computed.
+
+  Keyword arguments (`train=False`) are bound before tracing: passed to
+  `jax.eval_shape(model.init, ...)` they would be traced and break a Python `if`.
+  The rngs are 'params' and 'dropout'.
+  """
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  init = functools.partial(model.init, rngs, *args, method=method, **kwargs)
+  return jax.eval_shape(init)["params"]
+
+
+def _is_box(value: Any) -> bool:
+  return isinstance(value, nn.meta.AxisMetadata)
+
+
+def merge_pretrained(params: Any, pretrained: Any, *args, method: str | None = None,
+                     **kwargs) -> Any:
   """The sparsified model's params with every leaf `pretrained` has taken from it.
 
-  `params` is `sparse_model.init(...)["params"]`, or just its shapes,
-  `jax.eval_shape(sparse_model.init, ...)["params"]`, which skips computing an init
-  the checkpoint overwrites: leaves only known by shape must then be zeroth biases
-  (zero-initialised) and are filled with zeros. Raises if `pretrained` has a path
-  `params` lacks or a different shape there, so a checkpoint of another model is not
-  silently half-loaded.
+  Two forms:
+  * `merge_pretrained(sparse_model, pretrained, *example_inputs, **kwargs)`: the model
+    and the arguments of its call (`train=False` included); its params' shapes come from
+    `param_shapes`, so no init is computed. The result is boxed as `pretrained` is:
+    unboxed for a plain checkpoint, in the model's `nn.with_logical_partitioning`
+    boxes when `pretrained` has boxes.
+  * `merge_pretrained(params, pretrained)`: `params` is `sparse_model.init(...)
+    ["params"]` or its shapes; the result is boxed exactly as `params` is.
+
+  Either tree may hold `nn.LogicallyPartitioned` / `nn.Partitioned` boxes. Leaves only
+  known by shape must be zeroth biases (zero-initialised) and are filled with zeros.
+  Raises if `pretrained` has a path the model lacks or a different shape there, so a
+  checkpoint of another model is not silently half-loaded.
   """
-  flat = traverse_util.flatten_dict(dict(params))
-  old = traverse_util.flatten_dict(dict(pretrained))
+  if isinstance(params, nn.Module):
+    shapes = param_shapes(params, *args, method=method, **kwargs)
+    boxed = any(_is_box(v) for v in jax.tree.leaves(pretrained, is_leaf=_is_box))
+    return merge_pretrained(shapes if boxed else nn.meta.unbox(shapes), pretrained)
+  if args or kwargs or method is not None:
+    raise TypeError("merge_pretrained(params, pretrained) takes no example inputs; pass "
+                    "the model first to trace its shapes: merge_pretrained(sparse_model, "
+                    "pretrained, *example_inputs, **kwargs).")
+  raw = traverse_util.flatten_dict(dict(params))
+  flat = {p: v.unbox() if _is_box(v) else v for p, v in raw.items()}
+  old = {p: v.unbox() if _is_box(v) else v
+         for p, v in traverse_util.flatten_dict(dict(pretrained)).items()}
   missing = ["/".join(p) for p in old if p not in flat]
   if missing:
     raise ValueError(f"Pretrained params {missing[:5]} are not in the sparsified model.")
@@ -53,15 +94,14 @@ def merge_pretrained(params: Any, pretrained: Any) -> Any:
   out = {}
   for path, value in flat.items():
     if path in old:
-      out[path] = old[path]
+      value = old[path]
     elif isinstance(value, jax.ShapeDtypeStruct):
       if path[-1] != ZEROTH_BIAS:
         raise ValueError(f"{'/'.join(path)} is neither in the pretrained params nor a "
                          "zeroth bias, and only its shape is known: pass the params of "
                          "sparse_model.init(...) instead of its eval_shape.")
-      out[path] = jnp.zeros(value.shape, value.dtype)
-    else:
-      out[path] = value
+      value = jnp.zeros(value.shape, value.dtype)
+    out[path] = raw[path].replace_boxed(value) if _is_box(raw[path]) else value
   return traverse_util.unflatten_dict(out)
 
 
@@ -79,6 +119,8 @@ def optax_projections(tx: optax.GradientTransformation, *,
   order (LayerNorm_1 in a Flax-examples encoder block). For other layouts (post-LN
   blocks, a norm named unlike its block) pass a pattern that only that norm matches.
   A rule that finds no zeroth bias or no norm raises at `tx.init` / `tx.update`.
+  Params may be boxed (`nn.LogicallyPartitioned`, `nn.Partitioned`): `tx.init` and
+  `tx.update` then work on the boxed trees and the updates come back boxed.
 
   Args:
     tx: any optax GradientTransformation (call `tx.update(grads, state, params)`).
