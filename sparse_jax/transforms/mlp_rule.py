@@ -87,8 +87,9 @@ def mlp_rule(match: Match = None) -> MlpRule:
     return MlpRule(class_names=(), path_pattern=match)
   if callable(match):
     return MlpRule(class_names=(), predicate=match)
-  raise TypeError(f"match={match!r}; expected None, a Module class (or tuple of them), "
-                  "a regex on the module path, a callable(module) -> bool or an MlpRule.")
+  raise TypeError(f"match={match!r} is not a rule.\nFix: pass None, a Module class (or "
+                  "tuple of them), a regex on the module path, a callable(module) -> bool "
+                  "or an MlpRule.")
 
 
 def find_mlp_blocks(module: nn.Module, *args, match: Match = None,

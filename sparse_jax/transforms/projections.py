@@ -112,7 +112,7 @@ def _norm_of(bias_path: Path, paths: set[Path], rule: ProjectionRule) -> Path:
     norm_path = prefix + rule.norm_scale_path
     if norm_path not in paths:
       raise ValueError(f"Zeroth bias {'/'.join(bias_path)} has no norm scale at "
-                       f"{'/'.join(norm_path)} to bound it; set norm_scale_path.")
+                       f"{'/'.join(norm_path)} to bound it.\nFix: set norm_scale_path.")
     return norm_path
   # bias_path = parent + (mlp, leaf): the MLP's siblings are the other children of parent.
   parent, mlp = bias_path[:-2], bias_path[-2]
@@ -125,8 +125,8 @@ def _norm_of(bias_path: Path, paths: set[Path], rule: ProjectionRule) -> Path:
     where = "/".join(parent) or "the top level"
     raise ValueError(f"Zeroth bias {'/'.join(bias_path)} has no norm scale to bound it: "
                      f"no sibling module of {mlp!r} in {where} matches "
-                     f"{rule.norm_scale_path!r} and has a 'scale'; pass a norm pattern "
-                     "that names the norm feeding that MLP.")
+                     f"{rule.norm_scale_path!r} and has a 'scale'.\nFix: pass a norm "
+                     "pattern that names the norm feeding that MLP.")
   # A name that contains the MLP's (mlp -> mlp_norm, ffn -> ln_ffn) says which norm it
   # is; otherwise the last one: Flax numbers auto-named modules in creation order, and
   # in a pre-LN block the norm feeding the MLP is created last (LayerNorm_1, _2).
@@ -149,30 +149,30 @@ def resolve(params: Params, rule: ProjectionRule
   pair = rule.zeroth_bias_clipping is not None or pattern_norms
   if pattern_norms and any(len(p) < 2 for p in biases):
     raise ValueError(f"Zeroth biases {['/'.join(p) for p in biases if len(p) < 2]} are "
-                     "not inside an MLP module; a norm pattern looks for the MLP's "
-                     "sibling modules.")
+                     "not inside an MLP module, and a norm pattern looks for the MLP's "
+                     "sibling modules.\nFix: give the norm as a path (norm_scale_path=).")
   pairs = [(p, _norm_of(p, paths, rule) if pair else None) for p in biases]
   if pattern_norms:
     norms = sorted({n for _, n in pairs}, key="/".join)
     if len(norms) < len(pairs):  # E.g. all layers inline in one module: say so.
       shared = [("/".join(b), "/".join(n)) for b, n in pairs
                 if sum(m == n for _, m in pairs) > 1]
-      raise ValueError(f"Several zeroth biases resolve to one norm: {shared}. The norm "
-                       "pattern picks one sibling module per MLP block; pass a pattern "
-                       "that only the norm feeding each block matches, or give each "
-                       "layer its own module (as in the Flax examples).")
+      raise ValueError(f"Several zeroth biases resolve to one norm: {shared}; the norm "
+                       "pattern picks one sibling module per MLP block.\nFix: pass a "
+                       "pattern that only the norm feeding each block matches, or give "
+                       "each layer its own module (as in the Flax examples).")
   else:
     norms = sorted((p for p in flat if _ends_with(p, rule.norm_scale_path)), key="/".join)
   if rule.require_match:
     if rule.zeroth_bias_clipping is not None and not biases:
       raise ValueError(f"The projection rule found no zeroth bias (pattern "
                        f"{rule.zeroth_bias_path!r}) in the params, whose top-level keys "
-                       f"are {sorted(params)}; sparsify the model with a zeroth bias or "
-                       "turn clipping off (zeroth_bias_clipping=None).")
+                       f"are {sorted(params)}.\nFix: sparsify the model with a zeroth "
+                       "bias or turn clipping off (zeroth_bias_clipping=None).")
     if rule.norm_projection is not None and not norms:
       raise ValueError(f"The projection rule found no restricted norm (pattern "
                        f"{rule.norm_scale_path!r}) in the params; restricted norms are "
-                       "the norms before zeroth-biased MLPs, so sparsify with a zeroth "
+                       "the norms before zeroth-biased MLPs.\nFix: sparsify with a zeroth "
                        "bias, fix the norm pattern, or set norm_projection=None.")
   return norms, pairs
 
@@ -199,8 +199,8 @@ def project(params: Params, step: jax.Array | int, rule: ProjectionRule) -> Para
       elif rule.norm_projection == "uplift":
         out[path] = ops.uplift_norm_scale(value, step, rule.uplift_steps)
       else:
-        raise ValueError(f"norm_projection={rule.norm_projection!r}; expected "
-                         "'clamp', 'uplift' or None.")
+        raise ValueError(f"norm_projection={rule.norm_projection!r} is not a norm "
+                         "projection.\nFix: pass 'clamp', 'uplift' or None.")
   if rule.norm_bias == "zero":
     for path in _norm_bias_paths(norms, flat):
       out[path] = jnp.zeros_like(flat[path])
@@ -245,7 +245,8 @@ def with_projections(tx: optax.GradientTransformation, rule: ProjectionRule, *,
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError("with_projections needs params: call tx.update(grads, state, params).")
+      raise ValueError("with_projections needs params.\nFix: call tx.update(grads, "
+                       "state, params).")
     updates, inner = tx.update(updates, state.inner, params)
     count = state.count + 1
     if before_update:

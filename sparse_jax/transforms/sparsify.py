@@ -122,16 +122,18 @@ def sparsify(module: nn.Module, *, activation: ActivationName = "jsrelu",
       match, the first one called is the gate (t5x's wi_0, w1 in LLaMA-style code).
   """
   if activation not in ACTIVATIONS:
-    raise ValueError(f"activation={activation!r}; expected one of {ACTIVATIONS}.")
+    raise ValueError(f"activation={activation!r} is not one of the method's.\nFix: pass "
+                     f"one of {ACTIVATIONS}.")
   if zeroth_bias is not None and zeroth_bias not in ZEROTH_BIAS_POSITIONS:
-    raise ValueError(f"zeroth_bias={zeroth_bias!r}; expected None or one of "
-                     f"{ZEROTH_BIAS_POSITIONS}.")
+    raise ValueError(f"zeroth_bias={zeroth_bias!r} is not a zeroth bias position.\nFix: "
+                     f"pass None or one of {ZEROTH_BIAS_POSITIONS}.")
   if max_len is not None and max_len < 1:
-    raise ValueError(f"max_len={max_len!r}; expected None (the length at init) or the "
-                     "longest sequence length (>= 1).")
+    raise ValueError(f"max_len={max_len!r} is not a table length.\nFix: pass None (the "
+                     "length at init) or the longest sequence length (>= 1).")
   rhos = (tuple(weight_noise) if isinstance(weight_noise, (tuple, list))
           else (weight_noise, weight_noise))
   if len(rhos) != 2 or any(r < 0 for r in rhos):
-    raise ValueError(f"weight_noise={weight_noise!r}; expected rho >= 0 or a pair.")
+    raise ValueError(f"weight_noise={weight_noise!r} is not a noise level.\nFix: pass "
+                     "rho >= 0, or a pair (input projections, output projection).")
   return Sparsified(module, activation, zeroth_bias, max_len,
                     (float(rhos[0]), float(rhos[1])), mlp_rule(match), gate)

@@ -78,19 +78,22 @@ def merge_pretrained(params: Any, pretrained: Any, *args, method: str | None = N
     boxed = any(_is_box(v) for v in jax.tree.leaves(pretrained, is_leaf=_is_box))
     return merge_pretrained(shapes if boxed else nn.meta.unbox(shapes), pretrained)
   if args or kwargs or method is not None:
-    raise TypeError("merge_pretrained(params, pretrained) takes no example inputs; pass "
-                    "the model first to trace its shapes: merge_pretrained(sparse_model, "
-                    "pretrained, *example_inputs, **kwargs).")
+    raise TypeError("merge_pretrained(params, pretrained) takes no example inputs.\nFix: "
+                    "pass the model first to trace its shapes: merge_pretrained("
+                    "sparse_model, pretrained, *example_inputs, **kwargs).")
   raw = traverse_util.flatten_dict(dict(params))
   flat = {p: v.unbox() if _is_box(v) else v for p, v in raw.items()}
   old = {p: v.unbox() if _is_box(v) else v
          for p, v in traverse_util.flatten_dict(dict(pretrained)).items()}
   missing = ["/".join(p) for p in old if p not in flat]
   if missing:
-    raise ValueError(f"Pretrained params {missing[:5]} are not in the sparsified model.")
+    raise ValueError(f"Pretrained params {missing[:5]} are not in the sparsified model."
+                     "\nFix: load a checkpoint of the model that was sparsified, with the "
+                     "same config.")
   shapes = ["/".join(p) for p in old if jnp.shape(old[p]) != tuple(flat[p].shape)]
   if shapes:
-    raise ValueError(f"Pretrained params {shapes[:5]} have other shapes than the model's.")
+    raise ValueError(f"Pretrained params {shapes[:5]} have other shapes than the "
+                     "model's.\nFix: build the model with the checkpoint's sizes.")
   out = {}
   for path, value in flat.items():
     if path in old:
@@ -98,8 +101,8 @@ def merge_pretrained(params: Any, pretrained: Any, *args, method: str | None = N
     elif isinstance(value, jax.ShapeDtypeStruct):
       if path[-1] != ZEROTH_BIAS:
         raise ValueError(f"{'/'.join(path)} is neither in the pretrained params nor a "
-                         "zeroth bias, and only its shape is known: pass the params of "
-                         "sparse_model.init(...) instead of its eval_shape.")
+                         "zeroth bias, and only its shape is known.\nFix: pass the params "
+                         "of sparse_model.init(...) instead of its eval_shape.")
       value = jnp.zeros(value.shape, value.dtype)
     out[path] = raw[path].replace_boxed(value) if _is_box(raw[path]) else value
   return traverse_util.unflatten_dict(out)
@@ -138,7 +141,7 @@ def optax_projections(tx: optax.GradientTransformation, *,
     norm_bias = {"clamp": "zero", "uplift": "freeze"}.get(norm_projection)
   if norm_projection is None and zeroth_bias_clipping is None:
     raise ValueError("optax_projections with norm_projection=None and "
-                     "zeroth_bias_clipping=None would project nothing; use tx as is.")
+                     "zeroth_bias_clipping=None would project nothing.\nFix: use tx as is.")
   rule = projections.ProjectionRule(
       zeroth_bias_clipping=zeroth_bias_clipping, norm_projection=norm_projection,
       uplift_steps=uplift_steps, zeroth_bias_path=ZEROTH_BIAS_PATTERN,
