@@ -10,6 +10,13 @@ table of [max_len, d_model] per block; the decoder uses its first rows) + the re
 RMS norm before each feed-forward block (its scale is clamped >= 1 by the post-update
 projection, `sparse_jax.transforms.projections`), optionally weight noise on `wi`.
 
+Decoding (`T5.decode_step`, the loop in `sparse_jax.decoding`): one token per call, with
+the decoder's self-attention keys/values and the cross-attention's projections of the
+encoder output kept in the 'cache' collection (created by the first call, with 'cache'
+mutable), the relative position bias and the zeroth bias taken at the token's true
+position, and optionally the decoder MLPs run through `ops.mlp_decode` (only the active
+rows of W2 read).
+
 Parameter layout (paths the projections and metrics rely on):
   token_embedder/embedding                          [vocab, embed]
   encoder/relative_attention_bias/embedding         [buckets, heads]
@@ -72,14 +79,21 @@ class RelativePositionBias(nn.Module):
   embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
 
   @nn.compact
-  def __call__(self, query_length: int, key_length: int) -> jax.Array:
+  def __call__(self, query_length: int, key_length: int,
+               query_position: jax.Array | None = None) -> jax.Array:
+    """[1, heads, query_length, key_length]; queries at query_position + i if given
+    (decoding, traced), else at positions 0 .. query_length - 1."""
     table = self.param("embedding", nn.with_logical_partitioning(
         self.embedding_init, ("relpos_buckets", "heads")),
                        (self.num_buckets, self.num_heads), jnp.float32)
-    buckets = relative_position_buckets(query_length, key_length,
+    rows = query_length if query_position is None else key_length
+    buckets = relative_position_buckets(rows, key_length,
                                         bidirectional=self.bidirectional,
                                         num_buckets=self.num_buckets,
                                         max_distance=self.max_distance)
+    if query_position is not None:  # The rows of the queries' true positions.
+      buckets = jax.lax.dynamic_slice_in_dim(jnp.asarray(buckets), query_position,
+                                             query_length, axis=0)
     return jnp.transpose(table[buckets], (2, 0, 1))[None]
 
 
@@ -96,6 +110,7 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0  # On the attention probabilities (HF T5: 0.1).
   activation: ActivationName = "relu"
   zeroth_bias_position: ZerothBiasPosition | None = None
   max_len: int = 512  # Rows of each zeroth bias table: the longest input or target.
@@ -110,6 +125,7 @@ def _attention(cfg: T5Config, name: str) -> MultiHeadAttention:
   d, inner = cfg.d_model, cfg.num_heads * cfg.head_dim
   return MultiHeadAttention(
       cfg.num_heads, cfg.head_dim, use_bias=False, scale_logits=False, dtype=cfg.dtype,
+      dropout_rate=cfg.attention_dropout_rate,
       kernel_init=nn.initializers.normal(d ** -0.5),
       query_init=nn.initializers.normal((d * cfg.head_dim) ** -0.5),
       out_init=nn.initializers.normal(inner ** -0.5), name=name)
@@ -142,25 +158,37 @@ class EncoderLayer(nn.Module):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
     h = rms_norm("attn_norm", dtype=cfg.dtype)(x)
-    x = x + drop(_attention(cfg, "attention")(h, bias))
+    x = x + drop(_attention(cfg, "attention")(h, bias, deterministic=deterministic))
     h = rms_norm("mlp_norm", dtype=cfg.dtype)(x)
     return x + drop(_mlp(cfg)(h, deterministic=deterministic, mixing=mixing))
 
 
 class DecoderLayer(nn.Module):
-  """x + causal SelfAttn, x + CrossAttn(encoder output), x + MLP, each on a normed x."""
+  """x + causal SelfAttn, x + CrossAttn(encoder output), x + MLP, each on a normed x.
+
+  Decoding: `position` (traced) is the position of x's first token, the attention
+  layers keep their keys/values in 'cache' ([batch, `decode_length`, ...] for
+  self-attention) and `sparse_mlp` runs the MLP through `ops.mlp_decode`.
+  """
   cfg: T5Config
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, *, deterministic: bool, mixing):
+  def __call__(self, x, encoded, self_bias, cross_bias, *, deterministic: bool, mixing,
+               position: jax.Array | None = None, decode_length: int = 0,
+               sparse_mlp: bool = False):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
     h = rms_norm("self_attn_norm", dtype=cfg.dtype)(x)
-    x = x + drop(_attention(cfg, "self_attention")(h, self_bias))
+    x = x + drop(_attention(cfg, "self_attention")(
+        h, self_bias, decode_position=position, cache_length=decode_length,
+        deterministic=deterministic))
     h = rms_norm("cross_attn_norm", dtype=cfg.dtype)(x)
-    x = x + drop(_attention(cfg, "cross_attention")(h, cross_bias, kv=encoded))
+    x = x + drop(_attention(cfg, "cross_attention")(h, cross_bias, kv=encoded,
+                                                    decode_position=position,
+                                                    deterministic=deterministic))
     h = rms_norm("mlp_norm", dtype=cfg.dtype)(x)
-    return x + drop(_mlp(cfg)(h, deterministic=deterministic, mixing=mixing))
+    return x + drop(_mlp(cfg)(h, deterministic=deterministic, mixing=mixing,
+                              position=position, sparse_decode=sparse_mlp))
 
 
 class Encoder(nn.Module):
@@ -181,21 +209,44 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Causal layers over embedded targets (shifted right), attending to the encoder."""
+  """Causal layers over embedded targets (shifted right), attending to the encoder.
+
+  With `decode_length` (decoding), x holds the next token(s) only; their position is the
+  'cache' collection's `index` (advanced by each call), the keys cover positions
+  0 .. decode_length - 1 and those after the queries are masked.
+  """
   cfg: T5Config
 
   @nn.compact
-  def __call__(self, x, encoded, encoder_key_mask, *, deterministic: bool, mixing):
+  def __call__(self, x, encoded, encoder_key_mask, *, deterministic: bool, mixing,
+               decode_length: int | None = None, sparse_mlp: bool = False):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
     length = x.shape[1]
-    causal = np.where(np.tril(np.ones((length, length), bool)), 0.0, MASKED)
-    self_bias = _position_bias(cfg, bidirectional=False)(length, length) + causal
+    position = None
+    position_bias = _position_bias(cfg, bidirectional=False)
+    if decode_length is None:
+      causal = np.where(np.tril(np.ones((length, length), bool)), 0.0, MASKED)
+      self_bias = position_bias(length, length) + causal
+    else:
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      position = index.value
+      index.value = position + length
+      queries = position + np.arange(length)[:, None]
+      causal = jnp.where(np.arange(decode_length)[None, :] <= queries, 0.0, MASKED)
+      self_bias = position_bias(length, decode_length, query_position=position) + causal
     x = drop(x)
     for i in range(cfg.num_decoder_layers):
-      x = DecoderLayer(cfg, name=f"layer_{i}")(x, encoded, self_bias, encoder_key_mask,
-                                              deterministic=deterministic, mixing=mixing)
+      x = DecoderLayer(cfg, name=f"layer_{i}")(
+          x, encoded, self_bias, encoder_key_mask, deterministic=deterministic,
+          mixing=mixing, position=position, decode_length=decode_length or 0,
+          sparse_mlp=sparse_mlp)
     return drop(rms_norm("final_norm", dtype=cfg.dtype)(x))
+
+
+def _key_mask(encoder_tokens: jax.Array) -> jax.Array:
+  """[B, 1, 1, Li]: 0 for real encoder tokens, MASKED for padding (id 0)."""
+  return jnp.where(encoder_tokens > 0, 0.0, MASKED)[:, None, None, :]
 
 
 class T5(nn.Module):
@@ -203,23 +254,76 @@ class T5(nn.Module):
 
   `__call__(encoder_tokens [B, Li], decoder_tokens [B, Lt], train=...)` returns logits
   [B, Lt, vocab_size] in float32. Token id 0 is padding (and the decoder start token).
+  It is `decode(decoder_tokens, encode(encoder_tokens), encoder_tokens)`; decoding one
+  token at a time is `decode_step`.
   """
   cfg: T5Config = T5Config()
 
-  @nn.compact
-  def __call__(self, encoder_tokens: jax.Array, decoder_tokens: jax.Array, *,
-               train: bool, mixing: jax.Array | float = 1.0) -> jax.Array:
-    cfg, deterministic = self.cfg, not train
-    embedder = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="token_embedder",
+  def setup(self):
+    cfg = self.cfg
+    self.token_embedder = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                     ("vocab", "embed")))
-    key_mask = jnp.where(encoder_tokens > 0, 0.0, MASKED)[:, None, None, :]
-    encoded = Encoder(cfg, name="encoder")(
-        embedder(encoder_tokens), key_mask, deterministic=deterministic, mixing=mixing)
-    decoded = Decoder(cfg, name="decoder")(
-        embedder(decoder_tokens), encoded, key_mask, deterministic=deterministic,
-        mixing=mixing)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+
+  def __call__(self, encoder_tokens: jax.Array, decoder_tokens: jax.Array, *,
+               train: bool, mixing: jax.Array | float = 1.0) -> jax.Array:
+    encoded = self.encode(encoder_tokens, train=train, mixing=mixing)
+    return self.decode(decoder_tokens, encoded, encoder_tokens, train=train,
+                       mixing=mixing)
+
+  def encode(self, encoder_tokens: jax.Array, *, train: bool = False,
+             mixing: jax.Array | float = 1.0) -> jax.Array:
+    """The encoder's output [B, Li, d_model] for `encoder_tokens` [B, Li]."""
+    return self.encoder(self.token_embedder(encoder_tokens), _key_mask(encoder_tokens),
+                        deterministic=not train, mixing=mixing)
+
+  def decode(self, decoder_tokens: jax.Array, encoded: jax.Array,
+             encoder_tokens: jax.Array, *, train: bool = False,
+             mixing: jax.Array | float = 1.0, decode_length: int | None = None,
+             sparse_mlp: bool = False) -> jax.Array:
+    """Logits [B, Lt, vocab_size] (float32) of the decoder over `encoded`.
+
+    `encoder_tokens` only mark the padding of `encoded`. `decode_length` and
+    `sparse_mlp`: see `decode_step`.
+    """
+    cfg = self.cfg
+    decoded = self.decoder(
+        self.token_embedder(decoder_tokens), encoded, _key_mask(encoder_tokens),
+        deterministic=not train, mixing=mixing, decode_length=decode_length,
+        sparse_mlp=sparse_mlp)
     # Tied embeddings: T5 v1.0 rescales the decoder output by 1/sqrt(d_model).
-    logits = embedder.attend(decoded * cfg.d_model ** -0.5)
+    logits = self.token_embedder.attend(decoded * cfg.d_model ** -0.5)
     return logits.astype(jnp.float32)
+
+  def decode_step(self, tokens: jax.Array, encoded: jax.Array, encoder_tokens: jax.Array,
+                  *, decode_length: int, mixing: jax.Array | float = 1.0,
+                  sparse_mlp: bool = False) -> jax.Array:
+    """Logits [B, 1, vocab_size] of the next token after `tokens` [B, 1].
+
+    Needs the 'cache' collection mutable: the first call creates it (the decoder's
+    position index at 0, zero self-attention caches of `decode_length` positions, the
+    cross-attention's keys/values projected from `encoded`), every call advances the
+    position by one. Equal, up to float rounding, to the logits `__call__` gives at that
+    position when teacher-forced with the same prefix.
+
+    Args:
+      tokens: the previous token of each sequence (0, the start token, at first).
+      encoded: `encode(encoder_tokens)` (read only by the call that creates the cache).
+      encoder_tokens: [B, Li], for their padding mask.
+      decode_length: static: the positions the cache holds (the longest output).
+      mixing: the JSReLU share of the 'mixed' activation.
+      sparse_mlp: the decoder MLPs run through `ops.mlp_decode.mlp_decode`, reading only
+        the rows of W2 of the units some token of the batch has active.
+
+    Raises:
+      ValueError: the zeroth bias table is shorter than `decode_length`.
+    """
+    cfg = self.cfg
+    if cfg.zeroth_bias_position is not None and decode_length > cfg.max_len:
+      raise ValueError(f"decode_length={decode_length} exceeds the zeroth bias table "
+                       f"({cfg.max_len} rows).\nFix: decode at most {cfg.max_len} tokens.")
+    return self.decode(tokens, encoded, encoder_tokens, mixing=mixing,
+                       decode_length=decode_length, sparse_mlp=sparse_mlp)

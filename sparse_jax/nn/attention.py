@@ -22,6 +22,8 @@ class MultiHeadAttention(nn.Module):
     scale_logits: divide logits by sqrt(head_dim). T5 does not; it folds that factor
       into the query initialisation instead (`query_init`).
     kernel_init: init of key/value/out kernels; `query_init` overrides it for the query.
+    dropout_rate: dropout on the attention probabilities when called with
+      deterministic=False (HF T5 uses its dropout rate, 0.1, here too).
   """
   num_heads: int
   head_dim: int
@@ -31,10 +33,21 @@ class MultiHeadAttention(nn.Module):
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   query_init: Initializer | None = None
   out_init: Initializer | None = None
+  dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None = None,
-               kv: jax.Array | None = None) -> jax.Array:
+               kv: jax.Array | None = None, *, decode_position: jax.Array | None = None,
+               cache_length: int = 0, deterministic: bool = True) -> jax.Array:
+    """Attention of x's queries over `kv` (default x); see the class docstring.
+
+    Decoding (`decode_position` given, the position of x's first token) keeps keys and
+    values in the 'cache' collection, created on the first call with it mutable:
+    self-attention (`kv` None) writes x's keys and values into a [batch,
+    `cache_length`, heads, kv] cache at `decode_position` and attends over the whole
+    cache (`bias` must mask the positions not yet written); cross-attention projects
+    `kv` once, on that first call, and later calls read the cached projections.
+    """
     def projection(name, axes, features, axis, init):
       return nn.DenseGeneral(
           features, axis=axis, name=name, use_bias=self.use_bias, dtype=self.dtype,
@@ -42,17 +55,32 @@ class MultiHeadAttention(nn.Module):
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                  axes[len(axes) - len(features):]))
 
-    kv = x if kv is None else kv
     heads, axes = (self.num_heads, self.head_dim), ("embed", "heads", "kv")
     q = projection("query", axes, heads, -1, self.query_init or self.kernel_init)(x)
-    k = projection("key", axes, heads, -1, self.kernel_init)(kv)
-    v = projection("value", axes, heads, -1, self.kernel_init)(kv)
+    key = lambda inputs: projection("key", axes, heads, -1, self.kernel_init)(inputs)
+    value = lambda inputs: projection("value", axes, heads, -1, self.kernel_init)(inputs)
+    if decode_position is None:
+      kv = x if kv is None else kv
+      k, v = key(kv), value(kv)
+    elif kv is not None:  # Cross-attention: the encoder's keys/values, projected once.
+      k = self.variable("cache", "cached_key", key, kv).value
+      v = self.variable("cache", "cached_value", value, kv).value
+    else:  # Self-attention: this step's keys/values join the earlier ones.
+      shape = (x.shape[0], cache_length, *heads)
+      cached = [self.variable("cache", name, jnp.zeros, shape, self.dtype)
+                for name in ("cached_key", "cached_value")]
+      for var, new in zip(cached, (key(x), value(x))):
+        var.value = jax.lax.dynamic_update_slice_in_dim(
+            var.value, new.astype(self.dtype), decode_position, axis=1)
+      k, v = (var.value for var in cached)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     if self.scale_logits:
       logits = logits / jnp.sqrt(self.head_dim).astype(self.dtype)
     if bias is not None:
       logits = logits + bias.astype(logits.dtype)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    if self.dropout_rate > 0:  # Uses the 'dropout' rng, only when not deterministic.
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return projection("out", ("heads", "kv", "embed"), (x.shape[-1],), (-2, -1),
                       self.out_init or self.kernel_init)(out)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from sparse_jax.nn.dense import WEIGHT_NOISE_RNG, DenseParams
 from sparse_jax.ops import mlp as mlp_op
 from sparse_jax.ops import weight_noise
+from sparse_jax.ops.mlp_decode import mlp_decode
 from sparse_jax.ops.activations import (Activation, activation_derivative,
                                          apply_activation)
 
@@ -59,7 +60,22 @@ class SparseMlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
-               mixing: jax.Array | float = 1.0) -> jax.Array:
+               mixing: jax.Array | float = 1.0, position: jax.Array | int | None = None,
+               sparse_decode: bool = False) -> jax.Array:
+    """y for x [..., length, d_model].
+
+    Args:
+      x: the tokens.
+      deterministic: no dropout and no weight noise.
+      mixing: the JSReLU share of the 'mixed' activation.
+      position: decoding: the true position of x's first token (traced is fine). The
+        zeroth bias then adds rows position .. position + length - 1 of its table
+        instead of rows 0 .. length - 1. The caller keeps position + length <= max_len
+        (a traced position cannot be checked here; `dynamic_slice` would clamp it).
+      sparse_decode: run the MLP through `ops.mlp_decode.mlp_decode`, which reads only
+        the rows of W2 some token needs (same result up to rounding; deterministic
+        calls with a named activation only).
+    """
     d_model, length = x.shape[-1], x.shape[-2]
     zeroth_bias = None
     if self.zeroth_bias_position is not None:
@@ -69,10 +85,15 @@ class SparseMlp(nn.Module):
       if length > self.max_len:
         raise ValueError(f"Sequence length {length} exceeds the zeroth bias table "
                          f"({self.max_len} rows); raise max_len.")
-      zeroth_bias = self.param(
+      table = self.param(
           "zeroth_bias",
           nn.with_logical_partitioning(nn.initializers.zeros_init(), ("position", "embed")),
-          (self.max_len, d_model), jnp.float32)[:length].astype(self.dtype)
+          (self.max_len, d_model), jnp.float32)
+      if position is None:
+        zeroth_bias = table[:length]
+      else:  # A decode step: the rows of the tokens' true positions, not the first ones.
+        zeroth_bias = jax.lax.dynamic_slice_in_dim(table, position, length, axis=0)
+      zeroth_bias = zeroth_bias.astype(self.dtype)
     if self.zeroth_bias_position == "mlp_input":
       x = x + zeroth_bias
     x = x.astype(self.dtype)
@@ -102,9 +123,19 @@ class SparseMlp(nn.Module):
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,
                                   hidden_shape)
     cast = lambda p: None if p is None else p.astype(self.dtype)
-    y = mlp_op.mlp(x, cast(w1), cast(b1), cast(w2), cast(b2), activation=self.activation,
-                   mixing=mixing, z_offset=z_offset, dropout_keep=keep,
-                   dropout_rate=self.dropout_rate, kernel=self.mlp_kernel)
+    if sparse_decode:
+      if not isinstance(self.activation, str) or z_offset is not None or keep is not None:
+        raise ValueError(
+            f"sparse_decode needs a deterministic call without probes and a named "
+            f"activation ('relu', 'jsrelu', 'mixed'); got activation={self.activation!r}, "
+            f"deterministic={deterministic}.\nFix: decode with deterministic=True and "
+            "no 'perturbations', or with sparse_decode=False.")
+      y = mlp_decode(x, cast(w1), cast(b1), cast(w2), cast(b2), activation=self.activation,
+                     mixing=mixing)
+    else:
+      y = mlp_op.mlp(x, cast(w1), cast(b1), cast(w2), cast(b2), activation=self.activation,
+                     mixing=mixing, z_offset=z_offset, dropout_keep=keep,
+                     dropout_rate=self.dropout_rate, kernel=self.mlp_kernel)
     if wo_noise is not None:
       if keep is not None:  # W2 sees the dropped, rescaled activations.
         a = jnp.where(keep, a / (1.0 - self.dropout_rate), jnp.zeros_like(a))
