@@ -26,7 +26,7 @@ from sparse_jax.errors import ConfigError
 from sparse_jax.transforms import lora
 
 # Model keys a finetune may change without changing the parameters.
-MODEL_KEYS_FREE_TO_DIFFER = ("dropout_rate", "dtype")
+MODEL_KEYS_FREE_TO_DIFFER = ("dropout_rate", "attention_dropout_rate", "dtype")
 Path = tuple[str, ...]
 
 
