@@ -238,3 +238,9 @@ def test_einsum_blocks_say_their_shape_is_not_supported():
                      r"\['gating_einsum', 'linear'\].*this block shape is not supported"):
     jax.eval_shape(sparse_jax.sparsify(model, match=Einsum).init, jax.random.key(0),
                    tokens)
+
+
+def test_no_match_lists_gated_blocks():
+  with pytest.raises(ValueError, match=r"look like MLP blocks .*: layer_0/mlp \(SwiGLU\), "
+                     r"layer_1/mlp \(SwiGLU\)\.\n"):
+    jax.eval_shape(sparse_jax.sparsify(GluLM()).init, jax.random.key(0), _tokens()[0])

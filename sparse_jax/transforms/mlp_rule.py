@@ -8,7 +8,8 @@ A rule (`MlpRule`) matches a bound module by any of:
 
 The default matches classes named `MlpBlock`, `MLPBlock`, `Mlp`, `MLP` or `FeedForward`,
 the names of the Transformer MLP in the Flax examples (wmt, lm1b), big_vision's ViT and
-most Linen code: a module holding two `nn.Dense` with an activation between them.
+most Linen code: a module holding two `nn.Dense` with an activation between them (or
+three, gated: `sparsify_block` says which shapes the rewrite supports).
 
 Types cannot be read off a parameter tree, so the paths of the matched blocks are found
 by tracing the model's init shape-only (`find_mlp_blocks`, nothing is computed); from
@@ -148,19 +149,12 @@ def _shape(value) -> tuple[int, ...] | None:
 def looks_like_mlp(calls: list[DenseCall]) -> bool:
   """Whether a module's direct Dense calls have an MLP block's shape, whatever its name.
 
-  Two consecutive calls where the second's input has the first's output shape but is
-  another value (something elementwise ran between them): Dense -> f -> Dense; or a
-  gated block: two calls on one input with equal output shapes, then a call on that
-  shape (Dense, Dense -> f(gate) * up -> Dense). Attention modules, whose output
-  projection also reads a value of the value projection's shape, are excluded by the
-  caller.
+  True when two consecutive calls have the second's input of the first's output shape
+  but another value, that is, something elementwise ran between them: Dense -> f ->
+  Dense, and in a gated block (Dense, Dense -> f(gate) * up -> Dense) the up and output
+  projections. Attention modules, whose output projection also reads a value of the
+  value projection's shape, are excluded by the caller.
   """
-  for first, second in zip(calls, calls[1:]):
-    if (second.inputs is not first.outputs and second.inputs is not first.inputs
-        and _shape(second.inputs) == _shape(first.outputs)):
-      return True
-  for gate, up, down in zip(calls, calls[1:], calls[2:]):
-    if (up.inputs is gate.inputs and _shape(up.outputs) == _shape(gate.outputs)
-        == _shape(down.inputs)):
-      return True
-  return False
+  return any(second.inputs is not first.outputs and second.inputs is not first.inputs
+             and _shape(second.inputs) == _shape(first.outputs)
+             for first, second in zip(calls, calls[1:]))

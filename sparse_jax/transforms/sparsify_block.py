@@ -92,7 +92,6 @@ class _Frame:
   names: list[str] = dataclasses.field(default_factory=list)  # Every direct Dense.
   decided: bool = False  # Plain or gated is known, z / a / hidden computed.
   glu: bool = False
-  z: Any = None
   hidden: Any = None  # What the output projection gets: a, or a * u (after dropout).
   down: bool = False  # The output projection has run.
   extra: int = 0  # Dense calls after it.
@@ -217,7 +216,6 @@ class BlockInterceptor:
       block.sow("intermediates", "derivative",
                 activation_derivative(self.config.activation, z, self.mixing))
       frame.hidden = a
-    frame.z = z
 
   def _down(self, frame: _Frame, dense: nn.Module, next_fun, args, kwargs):
     block, x = frame.block, _first_input(args, kwargs)
@@ -251,10 +249,10 @@ class BlockInterceptor:
     hidden = [repr(c) + " collection" for c in collections] + [
         repr(r) + " rng" for r in rngs]
     raise ValueError(
-        f"MLP block {_name(block)} cannot see the {' and the '.join(hidden)} that the "
-        "caller passed: a lifted transform around it (nn.scan, nn.vmap, ...) does not "
-        "carry them, so its sown z/a, its probes or its weight noise would be silently "
-        "dropped.\nFix: let the transform carry them, e.g. nn.scan(block, "
+        f"MLP block {_name(block)} cannot see the {' and the '.join(hidden)} of this "
+        "call (at init: where its probes are created): a lifted transform around it "
+        "(nn.scan, nn.vmap, ...) does not carry them, so its sown z/a, its probes or its "
+        "weight noise would be silently dropped.\nFix: let the transform carry them, e.g. nn.scan(block, "
         "variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0}, "
         "split_rngs={'params': True, 'dropout': True, 'weight_noise': True}, ...).")
 
