@@ -41,7 +41,9 @@ def build_model(config: ml_collections.ConfigDict,
         num_decoder_layers=m.num_decoder_layers,
         relative_attention_num_buckets=m.relative_attention_num_buckets,
         relative_attention_max_distance=m.relative_attention_max_distance,
-        dropout_rate=m.dropout_rate, activation=activation_spec(config),
+        dropout_rate=m.dropout_rate,
+        attention_dropout_rate=m.get("attention_dropout_rate", 0.0),
+        activation=activation_spec(config),
         zeroth_bias_position=position, max_len=m.max_len,
         weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel))
   if m.name == "residual_mlp":
