@@ -2,6 +2,7 @@
 cached decoding in an lm1b-style decoder and a wmt-style encoder-decoder, a big_vision
 style `nn.scan(nn.remat(block))` encoder, boxed params, a ViT whose MLP has unusual
 names, the defaults, and models with a `train` flag."""
+import ast
 import functools
 import inspect
 import os
@@ -420,3 +421,13 @@ def test_merge_pretrained_with_keyword_arguments():
     assert params["LayerNorm_0"]["scale"] is pretrained["LayerNorm_0"]["scale"]
   with pytest.raises(TypeError, match="takes no example inputs"):
     sparse_jax.merge_pretrained(params, pretrained, x)
+
+
+def test_the_rule_does_not_import_the_wrapper():
+  """mlp_rule is below sparsify: no import of the wrapper (the former cycle)."""
+  tree = ast.parse(open(os.path.join(REPO, "sparse_jax", "transforms", "mlp_rule.py"),
+                        encoding="utf-8").read())
+  imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+  imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for a in node.names}
+  assert not {m for m in imported if m and "sparsify" in m}, imported
