@@ -73,7 +73,11 @@ def _common_config() -> ml_collections.ConfigDict:
       name="adamw",              # 'adamw' | 'sgd' (plain SGD; weight decay as L2 in the gradient)
       b1=0.9, b2=0.999, grad_clip_norm=1.0,
       schedule="cosine",         # 'cosine' | 'constant' | 'inverse_sqrt'
-      warmup_steps=50))
+      warmup_steps=50,
+      # The learning rate changes every this many steps (an int in [1, num_steps]), held
+      # at the block's first step's value: 1 = every step; 625 = once per epoch of the
+      # official ViT run (torch's CosineAnnealingLR stepped per epoch).
+      lr_update_every=1))
   c.num_steps = 2000
 
   # Loop.
@@ -109,7 +113,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict(dict(
       shuffle_buffer=2048, crop="pad_crop", flip=False, randaugment_layers=0,
       randaugment_magnitude=0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
-      eval_resize=16))
+      eval_resize=16,
+      # RandAugment's magnitude scale: 'big_vision' (of 10, as big_vision / timm) |
+      # 'torchvision' (of 30: RandAugment(num_magnitude_bins=31), the official ViT run).
+      randaugment_scale="big_vision",
+      # Mixup / CutMix targets: 'soft' (mixed one-hot) | 'hard' (one-hot of the mixed
+      # target's argmax, as the official ViT run); label smoothing applies after.
+      mix_targets="soft",
+      # Repeated augmentation (an int >= 1; 1 = off, 3 = the official RASampler): each
+      # epoch of examples // batch_size steps sees 1/r of the images, each r times.
+      repeated_augmentation=1))
   return c
 
 
@@ -130,6 +143,7 @@ def t5_config() -> ml_collections.ConfigDict:
       name="t5", vocab_size=32128, d_model=768, num_heads=12, head_dim=64, d_ff=3072,
       num_encoder_layers=12, num_decoder_layers=12, relative_attention_num_buckets=32,
       relative_attention_max_distance=128, dropout_rate=0.0,
+      attention_dropout_rate=0.0,  # In [0, 1): dropout on attention probabilities (HF T5: 0.1).
       max_len=512,       # Rows of each zeroth bias table (>= inputs and targets length).
       dtype="float32"))
   c.dataset = "c4/en"   # 'c4/en' (tfds) | 'python_reference_text' (embedded)
@@ -140,6 +154,9 @@ def t5_config() -> ml_collections.ConfigDict:
       inputs_length=512, targets_length=114,  # Span corruption at 15% noise, mean span 3.
       noise_density=0.15, mean_noise_span_length=3.0,
       shuffle_window=10_000,             # Documents shuffled together.
+      # Between packed documents: 'eos' (EOS ends each document, as T5's pipelines and
+      # the official collator) | 'none' (concatenated with no separator).
+      document_separator="none",
       eval_max_examples=10_240))         # Eval examples per evaluation (0 = all; embedded only).
   return c
 
@@ -253,6 +270,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"sparsity.weight_noise={s.weight_noise} must be >= 0.\n"
                       "Fix: pass --config.sparsity.weight_noise=0.1 (or 0 to disable).")
   _validate_finetune(c)
+  _validate_recipe(c)
   if not 0 <= o.warmup_steps < c.num_steps:
     raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, num_steps="
                       f"{c.num_steps}).\nFix: pass --config.optimizer.warmup_steps="
@@ -360,3 +378,32 @@ def _validate_t5(c: ml_collections.ConfigDict) -> None:
         f"text.targets_length={t.targets_length}) are longer than the zeroth bias table "
         f"(model.max_len={m.max_len} rows).\n"
         f"Fix: pass --config.model.max_len={longest}, or shorten the sequences.")
+
+
+def _validate_recipe(c: ml_collections.ConfigDict) -> None:
+  """The keys that choose between the official recipes and common practice (issue 19):
+  optimizer.lr_update_every, input.{randaugment_scale, mix_targets,
+  repeated_augmentation}, model.attention_dropout_rate, text.document_separator."""
+  def bad(key, value, valid, fix):
+    raise ConfigError(f"config.{key}={value!r} is not valid: it must be {valid}.\n"
+                      f"Fix: pass --config.{key}={fix}.")
+
+  every = c.optimizer.get("lr_update_every", 1)
+  if not (isinstance(every, int) and not isinstance(every, bool) and
+          1 <= every <= c.num_steps):
+    bad("optimizer.lr_update_every", every, f"an integer in [1, num_steps={c.num_steps}]",
+        "1 (every step), or the steps of an epoch")
+  choices = {("input", "randaugment_scale"): ("big_vision", "torchvision"),
+             ("input", "mix_targets"): ("soft", "hard"),
+             ("text", "document_separator"): ("none", "eos")}
+  for (section, name), allowed in choices.items():
+    value = c.get(section, {}).get(name, allowed[0])
+    if value not in allowed:
+      bad(f"{section}.{name}", value, f"one of {', '.join(map(repr, allowed))}",
+          allowed[0])
+  reps = c.get("input", {}).get("repeated_augmentation", 1)
+  if not (isinstance(reps, int) and not isinstance(reps, bool) and reps >= 1):
+    bad("input.repeated_augmentation", reps, "an integer >= 1 (1 = off)", "3")
+  rate = c.model.get("attention_dropout_rate", 0.0)
+  if isinstance(rate, bool) or not (isinstance(rate, (int, float)) and 0 <= rate < 1):
+    bad("model.attention_dropout_rate", rate, "a number in [0, 1)", "0.1")

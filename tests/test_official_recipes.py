@@ -1,0 +1,166 @@
+"""The official recipes of Peng et al. in configs/vit_imagenet.py and configs/t5_c4.py
+(issue 19): the per-epoch learning rate, the ViT finetune's direct swap, T5's attention
+dropout and finetune trainables, and the keys that choose them. The input pipeline's
+parts (RandAugment scale, hard mixed targets, repeated augmentation, EOS per document)
+are tested in test_data.py and test_text_data.py."""
+import importlib
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from sparse_jax import config_schema, train
+from sparse_jax.errors import ConfigError
+from sparse_jax.models.t5 import T5, T5Config
+from sparse_jax.nn.attention import MultiHeadAttention
+from sparse_jax.ops.activations import mixing_coefficient
+from sparse_jax.transforms import lora
+
+
+def config(name: str, arg: str | None = None):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_vit_imagenet_counts_epochs_and_steps_as_the_official_run():
+  c = config("vit_imagenet")
+  config_schema.validate(c)
+  # 1,281,167 // 2048 = 625 steps per epoch (the RASampler's epoch), 300 epochs.
+  assert c.num_steps == 300 * 625 and c.eval_every == 10 * 625
+  assert c.optimizer.lr_update_every == 625 and c.optimizer.warmup_steps == 0
+  assert (c.input.randaugment_scale, c.input.randaugment_magnitude) == ("torchvision", 9)
+  assert c.input.mix_targets == "hard" and c.input.label_smoothing == 0.11
+  assert c.input.repeated_augmentation == 3
+
+
+def test_per_epoch_cosine_is_torch_cosine_annealing_stepped_per_epoch():
+  c = config("vit_imagenet")
+  schedule = train.learning_rate_schedule(c)
+  lr = c.optimizer.learning_rate
+  for epoch in (0, 1, 150, 299):
+    # torch CosineAnnealingLR(T_max=300), .step() after each epoch: lr of epoch e.
+    expected = lr * (1 + math.cos(math.pi * epoch / 300)) / 2
+    for step in (625 * epoch, 625 * epoch + 311, 625 * epoch + 624):
+      np.testing.assert_allclose(float(schedule(jnp.asarray(step))), expected, rtol=1e-5,
+                                 atol=lr * 1e-6)
+  # Per step (the key's default), the rate falls within the epoch.
+  c.optimizer.lr_update_every = 1
+  per_step = train.learning_rate_schedule(c)
+  assert float(per_step(jnp.asarray(625 + 624))) < float(per_step(jnp.asarray(625)))
+
+
+def test_vit_finetune_swaps_the_activation_directly():
+  c = config("vit_imagenet", "finetune")
+  config_schema.validate(c)
+  # As the official script (no --mixed-activation): J-SquaredReLU from step 0.
+  assert c.sparsity.activation_mixing_steps == 0
+  assert float(mixing_coefficient(0, c.sparsity.activation_mixing_steps)) == 1.0
+  # The restricted LayerNorm is still uplifted over 5 epochs; 15 epochs, cosine per epoch.
+  assert c.sparsity.uplift_steps == 5 * 625 and c.num_steps == 15 * 625
+  assert c.optimizer.lr_update_every == 625
+  # The paper's mixing stays a key away.
+  c.sparsity.activation_mixing_steps = 5 * 625
+  config_schema.validate(c)
+  assert float(mixing_coefficient(0, c.sparsity.activation_mixing_steps)) == 0.0
+
+
+def test_t5_base_has_attention_dropout_and_eos_per_document():
+  c = config("t5_c4", "base,sparsified")
+  assert c.model.dropout_rate == c.model.attention_dropout_rate == 0.1
+  assert c.text.document_separator == "eos"
+  tiny = config("t5_c4", "tiny,sparsified")  # The measured tiny runs, unchanged.
+  assert tiny.model.attention_dropout_rate == 0.0 and tiny.text.document_separator == "none"
+
+
+TINY = T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64,
+                num_encoder_layers=1, num_decoder_layers=1, max_len=12)
+
+
+def test_attention_dropout_only_in_training():
+  """Attention-probability dropout changes the outputs in train mode only (its own rng);
+  at eval the model is the one without it."""
+  with_dropout = T5(T5Config(**{**TINY.__dict__, "attention_dropout_rate": 0.5}))
+  without = T5(TINY)
+  enc = jax.random.randint(jax.random.key(1), (2, 12), 1, 64)
+  dec = jax.random.randint(jax.random.key(2), (2, 6), 1, 64)
+  params = jax.jit(without.init, static_argnames="train")(
+      jax.random.key(0), enc, dec, train=False)["params"]
+  variables = {"params": nn.unbox(params)}  # Attention dropout adds no params.
+  jitted = {m: jax.jit(m.apply, static_argnames="train") for m in (with_dropout, without)}
+  apply = lambda model, train, rng=0: jitted[model](
+      variables, enc, dec, train=train, rngs={"dropout": jax.random.key(rng)})
+  clean = apply(without, False)  # TINY has no other dropout (dropout_rate 0).
+  np.testing.assert_array_equal(apply(with_dropout, False), clean)
+  dropped = apply(with_dropout, True)
+  assert not np.allclose(dropped, clean, atol=1e-3)
+  np.testing.assert_array_equal(apply(with_dropout, True), dropped)  # Same rng.
+  assert not np.allclose(apply(with_dropout, True, rng=1), dropped, atol=1e-3)
+
+
+def test_attention_dropout_zeroes_probabilities():
+  """With rate 0.5 and values that are one-hot per key, each output is a key's
+  probability / 0.5 or 0: whole probabilities are dropped and the rest rescaled."""
+  layer = MultiHeadAttention(1, 4, use_bias=False, dropout_rate=0.5,
+                             kernel_init=nn.initializers.zeros_init())
+  x = jnp.ones((1, 4, 4))
+  variables = layer.init(jax.random.key(0), x)
+  params = traverse_util.flatten_dict(nn.unbox(variables["params"]), sep="/")
+  params["value/kernel"] = jnp.eye(4).reshape(4, 1, 4)
+  params["out/kernel"] = jnp.eye(4).reshape(1, 4, 4)
+  variables = {"params": traverse_util.unflatten_dict(params, sep="/")}
+  keys = jnp.eye(4)[None]  # Token k's value is e_k: output j = probability of key j.
+  probabilities = layer.apply(variables, keys)
+  np.testing.assert_allclose(probabilities, 0.25, rtol=1e-6)  # Zero queries: uniform.
+  dropped = layer.apply(variables, keys, deterministic=False,
+                        rngs={"dropout": jax.random.key(3)})
+  assert set(np.unique(np.round(np.asarray(dropped), 6))) == {0.0, 0.5}
+
+
+@pytest.mark.parametrize("size", ["base", "tiny"])
+def test_t5_finetune_trains_every_param_named_bias(size):
+  """As the official finetune (loralib's bias='all'): the relative attention bias tables
+  and zeroth biases train with LoRA and the norm scales; kernels stay frozen."""
+  c = config("t5_c4", f"{size},finetune")
+  cfg = T5Config(**{**TINY.__dict__, "zeroth_bias_position": "mlp_output"})
+  shapes = jax.eval_shape(lambda: T5(cfg).init(
+      jax.random.key(0), jnp.ones((1, 12), jnp.int32), jnp.ones((1, 6), jnp.int32),
+      train=False))["params"]
+  labels = traverse_util.flatten_dict(
+      lora.trainable_labels(nn.unbox(shapes), c.finetune.trainable), sep="/")
+  trained = {k for k, v in labels.items() if v == "train"}
+  assert {"encoder/relative_attention_bias/embedding",
+          "decoder/relative_attention_bias/embedding",
+          "encoder/layer_0/mlp/zeroth_bias", "decoder/layer_0/mlp/zeroth_bias",
+          "encoder/layer_0/mlp_norm/scale", "decoder/final_norm/scale"} <= trained
+  assert not any(k.endswith("kernel") or k.startswith("token_embedder") for k in trained)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("optimizer.lr_update_every", 0), ("optimizer.lr_update_every", 10**9),
+    ("input.randaugment_scale", "timm10"), ("input.mix_targets", "argmax"),
+    ("input.repeated_augmentation", 0), ("model.attention_dropout_rate", 1.0),
+    ("text.document_separator", "newline")])
+def test_recipe_keys_are_validated(key, value):
+  c = config("t5_c4", "tiny") if key.split(".")[0] in ("model", "text") else config(
+      "default")
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError) as error:
+    config_schema.validate(c)
+  lines = str(error.value).splitlines()
+  assert len(lines) == 2 and key in lines[0] and lines[1].startswith("Fix:")
+
+
+def test_tiny_configs_have_the_recipe_keys_at_their_measured_defaults():
+  """The tiny configs run as before unless a key is passed (their README numbers stay
+  reproducible); the keys reach them."""
+  digits, t5_tiny = config("default"), config("t5_c4", "tiny")
+  assert (digits.input.randaugment_scale, digits.input.mix_targets,
+          digits.input.repeated_augmentation) == ("big_vision", "soft", 1)
+  assert digits.optimizer.lr_update_every == t5_tiny.optimizer.lr_update_every == 1
+  for c in (digits, t5_tiny):
+    c.optimizer.lr_update_every = 100
+    config_schema.validate(c)
