@@ -562,3 +562,12 @@ def test_repeated_augmentation_resumes_exactly(digits_dir):
 def test_spread_copies_is_a_strided_permutation():
   order = images.spread_copies(10, 3).numpy()
   np.testing.assert_array_equal(order, [0, 3, 6, 9, 1, 4, 7, 2, 5, 8])
+
+
+def test_repeated_augmentation_needs_one_batch_per_epoch(digits_dir):
+  config = repeated_config(digits_dir, batch_size=1536, eval_batch_size=96)
+  with pytest.raises(ConfigError) as error:
+    images.train_iterator(config)
+  lines = str(error.value).splitlines()
+  assert len(lines) == 2 and '1500 training examples' in lines[0]
+  assert lines[1].startswith('Fix:')

@@ -139,6 +139,10 @@ def _repeated_epochs(config, spec: sources.Spec, decode_small, start_step: int,
   batch = config.batch_size // process_count
   total = int(sources.read_records(config, spec.train_split).cardinality())
   steps = total // config.batch_size  # Per epoch, as the official RASampler.
+  if steps < 1:
+    raise sources.error(
+        f'{config.dataset} has {total} training examples, fewer than one '
+        f'batch of {config.batch_size}.', 'pass a smaller --config.batch_size')
   local = steps * batch  # Local examples per epoch.
   per_shard = -(-local // reps)  # Images each shard gives per epoch.
   shards = tfds.even_splits(spec.train_split, n=process_count)
@@ -177,10 +181,6 @@ def _repeated_epochs(config, spec: sources.Spec, decode_small, start_step: int,
     return tf.data.Dataset.zip(tuple(shuffled(s) for s in read)).flat_map(
         _plain(copies)).take(local)
 
-  if steps < 1:
-    raise sources.error(
-        f'{config.dataset} has {total} training examples, fewer than one '
-        f'batch of {config.batch_size}.', 'pass a smaller --config.batch_size')
   first = start_step * batch
   start_epoch, offset = divmod(first, local)
   ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(_plain(epoch))
