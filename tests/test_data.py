@@ -565,7 +565,7 @@ def test_spread_copies_is_a_strided_permutation():
 
 
 def test_repeated_augmentation_needs_one_batch_per_epoch(digits_dir):
-  config = repeated_config(digits_dir, batch_size=1536, eval_batch_size=96)
+  config = make_config(digits_dir, batch_size=1536, input_repeated_augmentation=3)
   with pytest.raises(ConfigError) as error:
     images.train_iterator(config)
   lines = str(error.value).splitlines()
