@@ -254,7 +254,12 @@ def test_config_errors(digits_dir, tmp_path):
     assert 'ILSVRC2012_img_train.tar' in lines[-1]
 
 
-def test_imagenet_pipeline_on_mock_data(tmp_path):
+@pytest.mark.parametrize('official', [False, True])
+def test_imagenet_pipeline_on_mock_data(tmp_path, official):
+  """The JPEG path, also with the official ViT recipe's inputs (torchvision RandAugment
+  scale, repeated augmentation x3, hard mixed targets smoothed by 0.11)."""
+  recipe = dict(input_randaugment_scale='torchvision', input_repeated_augmentation=3,
+                input_mix_targets='hard', input_label_smoothing=0.11) if official else {}
   manual_dir = tmp_path / 'manual'
   manual_dir.mkdir()
   for name in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'):
@@ -265,7 +270,7 @@ def test_imagenet_pipeline_on_mock_data(tmp_path):
       manual_dir=str(manual_dir), input_crop='inception', input_flip=True,
       input_randaugment_layers=2, input_randaugment_magnitude=9,
       input_mixup_alpha=0.2, input_cutmix_alpha=1.0, input_eval_resize=256,
-      input_shuffle_buffer=16)
+      input_shuffle_buffer=16, **recipe)
   # With SkipDecoding, mock_data serves real (random) JPEGs of 5..50 px.
   with tfds.testing.mock_data(num_examples=6):
     info = images.prepare_dataset(config)
@@ -277,6 +282,8 @@ def test_imagenet_pipeline_on_mock_data(tmp_path):
     assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
     assert batch['label'].shape == (4, 1000)
     np.testing.assert_allclose(batch['label'].sum(-1), 1.0, rtol=1e-5)
+    if official:  # One class per example, smoothed.
+      np.testing.assert_allclose(batch['label'].max(-1), 0.89 + 0.11 / 1000, rtol=1e-5)
   assert len(evals) == 2
   assert evals[0]['image'].shape == (4, 224, 224, 3)
   np.testing.assert_array_equal(
