@@ -65,6 +65,8 @@ class DecodeState(NamedTuple):
   encoder_tokens: jax.Array
   active_units: jax.Array  # [B, decoder layers] float32: active units summed over tokens.
   counted: jax.Array       # [B] float32: tokens those sums cover (up to and incl. EOS).
+  union_units: jax.Array   # [decoder layers] float32: units active for some token of the
+  #                          batch (not past its EOS), summed over steps.
   rng: jax.Array
 
 
@@ -74,6 +76,9 @@ class Generation(NamedTuple):
   lengths: jax.Array  # [B] int32: tokens up to and including EOS (all if none).
   density: jax.Array  # [B, decoder layers]: mean share of active MLP units per token
   #                     (NaN without `with_density`).
+  union_density: jax.Array  # [decoder layers]: mean over steps of the share of units
+  #                           active for some token of the batch: the rows of W2 that
+  #                           `mlp_decode` reads (NaN without `with_density`).
 
 
 def _select(logits: jax.Array, rng: jax.Array, settings: DecodeSettings) -> jax.Array:
@@ -90,12 +95,11 @@ def _select(logits: jax.Array, rng: jax.Array, settings: DecodeSettings) -> jax.
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _active_units(intermediates: Any, num_layers: int) -> jax.Array:
-  """[B, layers]: active decoder MLP units of this step's token."""
+def _active(intermediates: Any, num_layers: int) -> jax.Array:
+  """[layers, B, d_ff] bool: the decoder MLPs' active units for this step's token."""
   decoder = intermediates["decoder"]
-  return jnp.stack([
-      jnp.sum(jnp.abs(decoder[f"layer_{i}"]["mlp"]["a"][0][:, 0]) > ACTIVE_THRESHOLD,
-              axis=-1).astype(jnp.float32) for i in range(num_layers)], axis=-1)
+  return jnp.stack([jnp.abs(decoder[f"layer_{i}"]["mlp"]["a"][0][:, 0]) > ACTIVE_THRESHOLD
+                    for i in range(num_layers)])
 
 
 def _step(model: T5, params: Any, state: DecodeState, previous: jax.Array,
@@ -111,16 +115,18 @@ def _step(model: T5, params: Any, state: DecodeState, previous: jax.Array,
   token = _select(logits[:, 0], jax.random.fold_in(state.rng, state.step), settings)
   token = jnp.where(state.done, 0, token)
   counts = jnp.where(state.done, 0.0, 1.0)
-  active = state.active_units
+  active, union = state.active_units, state.union_units
   if settings.with_density:
-    active = active + counts[:, None] * _active_units(mutated["intermediates"],
-                                                      model.cfg.num_decoder_layers)
+    units = _active(mutated["intermediates"], model.cfg.num_decoder_layers)
+    units = units & ~state.done[None, :, None]
+    active = active + jnp.sum(units, axis=-1, dtype=jnp.float32).T
+    union = union + jnp.sum(jnp.any(units, axis=1), axis=-1, dtype=jnp.float32)
   return state._replace(
       step=state.step + 1,
       tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None],
                                                  state.step, axis=1),
       done=state.done | (token == settings.eos_id), cache=mutated["cache"],
-      active_units=active, counted=state.counted + counts)
+      active_units=active, counted=state.counted + counts, union_units=union)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "settings"))
@@ -140,6 +146,7 @@ def start(model: T5, params: Any, encoder_tokens: jax.Array, settings: DecodeSet
       encoder_tokens=encoder_tokens,
       active_units=jnp.zeros((batch, model.cfg.num_decoder_layers), jnp.float32),
       counted=jnp.zeros((batch,), jnp.float32),
+      union_units=jnp.zeros((model.cfg.num_decoder_layers,), jnp.float32),
       rng=jax.random.key(0) if rng is None else rng)
   return _step(model, params, state, jnp.full((batch,), START_ID, jnp.int32), settings,
                mixing, cache=None)
@@ -186,6 +193,11 @@ def generate(model: T5, params: Any, encoder_tokens: jax.Array, settings: Decode
   is_eos = state.tokens == settings.eos_id
   lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1,
                       settings.max_decode_length).astype(jnp.int32)
-  density = (state.active_units / model.cfg.d_ff / jnp.maximum(state.counted, 1.0)[:, None]
-             if settings.with_density else jnp.full_like(state.active_units, jnp.nan))
-  return Generation(state.tokens, lengths, density)
+  d_ff = model.cfg.d_ff
+  if settings.with_density:
+    density = state.active_units / d_ff / jnp.maximum(state.counted, 1.0)[:, None]
+    union = state.union_units / d_ff / jnp.maximum(state.step, 1)
+  else:
+    density = jnp.full_like(state.active_units, jnp.nan)
+    union = jnp.full_like(state.union_units, jnp.nan)
+  return Generation(state.tokens, lengths, density, union)

@@ -1,0 +1,55 @@
+"""benchmarks/t5_decode.py --quick: its rows and their arithmetic (not the speed)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+from test_generate import tiny_t5_run  # noqa: F401  pylint: disable=unused-import
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import t5_decode  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_mlp_weight_share_of_t5_base_from_its_shapes():
+  from sparse_jax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top
+  cfg = T5Config()
+  mlp = 12 * 2 * 768 * 3072
+  attention = 12 * 6 * 768 * 768  # Self q/k/v/o and cross q/o per layer.
+  assert t5_decode.mlp_weight_share(cfg) == pytest.approx(
+      mlp / (32128 * 768 + attention + mlp))
+  assert t5_decode.bound(0.5, 0.0) == pytest.approx(1 / 0.75)
+  assert t5_decode.bound(0.5, 1.0) == pytest.approx(1.0)
+
+
+def test_quick_run_writes_consistent_rows(tiny_t5_run, tmp_path):  # noqa: F811
+  out = tmp_path / "rows.json"
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "t5_decode.py"), "--quick",
+       "--batches=2", "--densities=0.05,0.3", f"--workdir={tiny_t5_run}",
+       f"--json={out}"], capture_output=True, text=True, timeout=600, env=cli_env(),
+      cwd=REPO)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["model"], r["batch"]) for r in rows] == [
+      ("t5_quick_random", 2), ("t5_quick_random", 2), ("t5_tiny_trained", 2)]
+  for row, want in zip(rows, [0.05, 0.3]):
+    # The densities the random model was set to, as measured while decoding (the
+    # batch's union: every token has the same units active).
+    assert row["density"] == pytest.approx(want, abs=1 / 512)
+    assert row["token_density"] == pytest.approx(row["density"], abs=1e-6)
+  for row in rows:
+    assert set(t5_decode.ROW_KEYS) <= set(row)
+    assert row["same_tokens"], row  # mlp_decode decodes the same tokens.
+    assert row["speedup"] == pytest.approx(row["sparse_tokens_per_s"]
+                                           / row["dense_tokens_per_s"])
+    assert row["bound"] == pytest.approx(
+        1 / (1 - row["mlp_weight_share"]
+             + row["mlp_weight_share"] * (1 + row["density"]) / 2))
+    assert row["fraction_of_bound"] == pytest.approx(row["speedup"] / row["bound"])
+    assert len(row["dense_ms"]) == len(row["sparse_ms"]) == 2
+  tiny = [r for r in rows if r["model"] == "t5_tiny_trained"]
+  assert all(0 < r["density"] < 1 for r in tiny)
+  assert "speedup" in done.stdout and "t5_tiny_trained" in done.stdout
