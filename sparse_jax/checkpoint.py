@@ -12,15 +12,76 @@ signal a preempted VM or `kill` sends), so rerunning resumes where it stopped.
 A checkpoint may hold a second item, `data`: the input pipeline's position of every
 process (int64 [processes, k]), so a resumed run reads exactly the examples an
 uninterrupted one would have, without re-reading what came before.
+
+Damage: orbax stores raw array bytes without checksums, so a flipped byte restores
+silently as a wrong weight. Each checkpoint therefore also holds `checksums`, two
+32-bit sums per leaf of the state (computed on device, so sharded multi-host states
+need no gather); restore recomputes them and raises DamagedCheckpointError on any
+difference, as it does when orbax cannot read the step at all.
 """
 import signal
+import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from sparse_jax.errors import ConfigError
+
+
+class DamagedCheckpointError(ConfigError):
+  """A checkpoint that cannot be read, or whose contents fail their checksums."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as a flat uint32 vector (16- and 8-bit types zero-extended)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  bits = x.dtype.itemsize * 8
+  if x.dtype == jnp.bool_:
+    return x.reshape(-1).astype(jnp.uint32)
+  unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}.get(bits)
+  if unsigned is None:  # 64-bit leaves: two words each.
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  return jax.lax.bitcast_convert_type(x, unsigned).reshape(-1).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_checksums(tree: Any) -> jax.Array:
+  """[leaves, 2] uint32: the wrapping sum of each leaf's words, and the sum weighted by
+  position (so that moved or swapped values count too)."""
+  rows = []
+  for leaf in jax.tree.leaves(tree):
+    w = _words(leaf)
+    position = jnp.arange(1, w.size + 1, dtype=jnp.uint32)
+    rows.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                           jnp.sum(w * position, dtype=jnp.uint32)]))
+  return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
+
+
+def _ignore_closed_loop_callbacks() -> Callable[[Any], None]:
+  """Drops 'Event loop is closed' unraisable exceptions; returns the previous hook.
+
+  When a restore fails, tensorstore still completes the reads that were in flight and
+  calls back into orbax's event loop, closed by then; each call would print such a
+  traceback around our error message. Only those are dropped."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  return previous
+
+
+def state_checksums(state: Any) -> list[list[int]]:
+  """Two 32-bit checksums per leaf of `state` (see the module docstring)."""
+  return np.asarray(jax.device_get(_leaf_checksums(state))).tolist()
 
 
 class Checkpointer:
@@ -45,15 +106,54 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: int | None = None
               ) -> tuple[Any, np.ndarray | None]:
     """Restores `step` (default: latest) into the structure/shardings of
-    `abstract_state`; returns (state, data positions or None if none were saved)."""
+    `abstract_state`; returns (state, data positions or None if none were saved).
+
+    Raises DamagedCheckpointError when the step cannot be read or its contents differ
+    from the checksums saved with it (checkpoints saved before checksums existed are
+    restored unchecked).
+    """
     step = self.latest_step() if step is None else step
+    step_dir = self.directory / str(step)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_data = (self.directory / str(step) / "data").exists()
+    has_data = (step_dir / "data").exists()
+    has_checksums = (step_dir / "checksums").exists()
     if has_data:
       items["data"] = ocp.args.StandardRestore()
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if has_checksums:
+      items["checksums"] = ocp.args.JsonRestore()
+    previous_hook = _ignore_closed_loop_callbacks()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure to read is damage (or a foreign file) in that step: say which.
+      # (The filter stays: reads in flight keep failing until the process exits.)
+      first = (str(e).strip().splitlines() or [""])[0]
+      raise self._damaged(step, f"orbax cannot read it ({type(e).__name__}: "
+                          f"{first[:240]}{'...' if len(first) > 240 else ''})") from None
+    sys.unraisablehook = previous_hook
+    if has_checksums:
+      expected = restored["checksums"]["leaves"]
+      actual = state_checksums(restored["state"])
+      bad = [i for i, (a, b) in enumerate(zip(actual, expected)) if a != b]
+      if bad or len(actual) != len(expected):
+        names = [jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
+        shown = ", ".join(names[i] for i in bad[:3]) or "the number of arrays"
+        raise self._damaged(step, f"its contents fail their checksums ({shown}"
+                            f"{', ...' if len(bad) > 3 else ''})")
     data = np.asarray(restored["data"]["positions"]) if has_data else None
     return restored["state"], data
+
+  def _damaged(self, step: int, why: str) -> DamagedCheckpointError:
+    others = [s for s in self._manager.all_steps() if s != step]
+    aside = self.directory.parent / f"damaged_checkpoint_{step}"
+    then = (f"the run then resumes from step {max(others)}" if others else
+            "the run then starts from scratch")
+    return DamagedCheckpointError(
+        f"Checkpoint {self.directory / str(step)} is damaged: {why}. Nothing was "
+        "restored or changed.\n"
+        f"Fix: move it aside (mv {self.directory / str(step)} {aside}); {then}. Or "
+        "restore that directory from a backup.")
 
   def save(self, step: int, state: Any, *, data: np.ndarray | None = None,
            force: bool = False) -> bool:
@@ -61,7 +161,10 @@ class Checkpointer:
 
     `data`: the input positions of all processes (identical on every process).
     """
-    items = {"state": ocp.args.StandardSave(state)}
+    if not (force or self._manager.should_save(step)):
+      return False
+    items = {"state": ocp.args.StandardSave(state),
+             "checksums": ocp.args.JsonSave({"leaves": state_checksums(state)})}
     if data is not None:
       items["data"] = ocp.args.StandardSave({"positions": np.asarray(data, np.int64)})
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)

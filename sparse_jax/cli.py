@@ -1,8 +1,10 @@
 """Shared by the command-line programs (main, study, report): the two-line error exit,
 progress lines on stderr, and problem/fix messages for flag and config errors."""
+import importlib
 import logging as std_logging
 import os
 import sys
+import tempfile
 
 from absl import flags, logging
 
@@ -10,6 +12,32 @@ from sparse_jax.errors import ConfigError
 
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sparse_jax", "xla")
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (which tfds and clu need) without its start-up chatter.
+
+  TensorFlow writes INFO lines such as "oneDNN custom operations are on" straight to
+  file descriptor 2 while it is imported, before its logging is set up, so no log level
+  hides them. The import's stderr is caught, and every line except those INFO lines
+  (and absl's note about them) is passed on: real warnings and errors still show.
+  """
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      importlib.import_module("tensorflow")
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      caught.seek(0)
+      for line in caught:
+        if not (line.startswith(b"I0000") or b"before absl::InitializeLog()" in line):
+          sys.stderr.buffer.write(line)
+      sys.stderr.flush()
 
 
 def define_compilation_cache_flag(purpose: str) -> flags.FlagHolder:

@@ -4,16 +4,23 @@ Experiment files in `configs/` start from `base_config()`, set what differs, and
 variant with `apply_variant`. The returned ConfigDict is locked, so a misspelled key on
 the command line (`--config.nonexistent_key=1`) is rejected instead of ignored.
 """
+import dataclasses
+import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from sparse_jax.errors import ConfigError
 
 VARIANTS = ("sparsified", "vanilla", "finetune")
 MODELS = ("vit", "t5", "residual_mlp")
+# The datasets each kind of experiment reads (tfds names; the pipelines in
+# sparse_jax/data define them, and a test checks the two agree).
+IMAGE_DATASETS = ("sklearn_digits", "cifar10", "mnist", "imagenet2012")
+TEXT_DATASETS = ("c4/en", "python_reference_text")
 
 
 def _common_config() -> ml_collections.ConfigDict:
@@ -226,67 +233,35 @@ def parse_arguments(arg: str | None, groups: dict[str, tuple[str, ...]]) -> dict
   return {g: chosen.get(g, options[0]) for g, options in groups.items()}
 
 
-def _choice(name: str, value, allowed) -> None:
-  if value not in allowed:
-    raise ConfigError(f"config.{name}={value!r} is not supported.\n"
-                      f"Fix: set --config.{name} to one of {', '.join(map(repr, allowed))}.")
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Static checks that need no devices or data; raises ConfigError naming the fix."""
-  s, m, o = c.sparsity, c.model, c.optimizer
-  _choice("sparsity.activation", s.activation, ("relu", "jsrelu", "mixed", "s_shaped"))
-  _validate_s_shaped(c)
-  _choice("sparsity.zeroth_bias_position", s.zeroth_bias_position,
-          ("none", "mlp_input", "mlp_output"))
-  _choice("sparsity.norm_projection", s.norm_projection, ("clamp", "uplift"))
-  _choice("sparsity.projection_timing", s.projection_timing,
-          ("after_update", "before_update"))
-  _choice("optimizer.schedule", o.schedule, ("cosine", "constant", "inverse_sqrt"))
-  _choice("optimizer.name", o.name, ("adamw", "sgd"))
-  _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
-  _choice("model.name", m.name, MODELS)
+  """Static checks that need no devices or data; raises ConfigError naming the fix.
+
+  First every key against its valid values (`RANGES`), then the rules that tie keys
+  together (divisibility, lengths against tables, modules a model has).
+  """
+  check_ranges(c)
+  m = c.model
   _validate_mlp_kernel(c)
+  _validate_s_shaped(c)
   if m.name == "vit":
     _validate_vit(c)
   elif m.name == "residual_mlp":
     _validate_residual_mlp(c)
   else:
     _validate_t5(c)
-  for key in ("num_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
-              "checkpoint_every"):
-    if c[key] <= 0:
-      raise ConfigError(f"config.{key}={c[key]} must be positive.\n"
-                        f"Fix: pass --config.{key}=<a positive integer>.")
-  if c.metrics_batch_size < 0:
-    raise ConfigError(f"config.metrics_batch_size={c.metrics_batch_size} must be >= 0.\n"
-                      "Fix: pass --config.metrics_batch_size=32 (0 = the whole batch).")
-  t = c.metrics.spectral_threshold
-  if t is not None and not t > 0:
-    raise ConfigError(f"metrics.spectral_threshold={t} must be positive.\n"
-                      "Fix: pass --config.metrics.spectral_threshold=2.5, or leave it "
-                      "unset for 10 * min(d_model, d_ff) / max(d_model, d_ff).")
-  if s.weight_noise < 0:
-    raise ConfigError(f"sparsity.weight_noise={s.weight_noise} must be >= 0.\n"
-                      "Fix: pass --config.sparsity.weight_noise=0.1 (or 0 to disable).")
   _validate_finetune(c)
   _validate_recipe(c)
-  if not 0 <= o.warmup_steps < c.num_steps:
+  o = c.optimizer
+  if not o.warmup_steps < c.num_steps:
     raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, num_steps="
                       f"{c.num_steps}).\nFix: pass --config.optimizer.warmup_steps="
-                      f"{min(max(o.warmup_steps, 0), c.num_steps // 10)}.")
+                      f"{c.num_steps // 10}.")
 
 
 def _validate_mlp_kernel(c: ml_collections.ConfigDict) -> None:
-  _choice("mlp_impl", c.mlp_impl, ("xla", "pallas"))
-  _choice("mlp_backend", c.mlp_backend, ("auto", "tpu", "gpu"))
   tiles = c.mlp_tiles
   if tiles is None:
     return
-  if len(tiles) != 3 or any(not isinstance(t, int) or t <= 0 for t in tiles):
-    raise ConfigError(f"config.mlp_tiles={tiles!r} must be three positive integers "
-                      "(tokens, units, features).\nFix: pass e.g. "
-                      "--config.mlp_tiles='(128, 128, 256)' or leave it unset.")
   tpu = c.mlp_backend == "tpu" or (c.mlp_backend == "auto" and
                                    c.mlp_impl == "pallas" and _on_tpu())
   if tpu and (tiles[0] % 8 or tiles[1] % 128 or tiles[2] % 128):
@@ -296,14 +271,7 @@ def _validate_mlp_kernel(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_s_shaped(c: ml_collections.ConfigDict) -> None:
-  s = c.sparsity
-  if s.activation != "s_shaped":
-    return
-  if not s.s_shaped_half_width > 0:
-    raise ConfigError(f"sparsity.s_shaped_half_width={s.s_shaped_half_width} must be "
-                      "positive (it is the half-width of the flat region).\n"
-                      "Fix: pass --config.sparsity.s_shaped_half_width=1.5.")
-  if c.mlp_impl != "xla":
+  if c.sparsity.activation == "s_shaped" and c.mlp_impl != "xla":
     raise ConfigError("sparsity.activation='s_shaped' runs only with mlp_impl='xla' (the "
                       "Pallas kernels skip blocks where z < 0, which is not its flat "
                       f"region), but mlp_impl={c.mlp_impl!r}.\n"
@@ -317,19 +285,10 @@ def _on_tpu() -> bool:
 
 def _validate_finetune(c: ml_collections.ConfigDict) -> None:
   f = c.finetune
-  if f.lora_rank < 0:
-    raise ConfigError(f"finetune.lora_rank={f.lora_rank} must be >= 0.\n"
-                      "Fix: pass --config.finetune.lora_rank=8 (0 = no LoRA).")
   if f.lora_rank > 0 and not f.lora_targets:
     raise ConfigError("finetune.lora_rank > 0 but finetune.lora_targets is empty, so no "
                       "kernel would get an adapter.\nFix: pass e.g. "
                       "--config.finetune.lora_targets='mlp/w[io]/kernel'.")
-  for key in ("lora_targets", "trainable"):
-    try:
-      re.compile(f[key])
-    except re.error as e:
-      raise ConfigError(f"finetune.{key}={f[key]!r} is not a valid regex ({e}).\n"
-                        f"Fix: pass a Python regex to --config.finetune.{key}.") from None
 
 
 def _validate_vit(c: ml_collections.ConfigDict) -> None:
@@ -344,11 +303,7 @@ def _validate_vit(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_residual_mlp(c: ml_collections.ConfigDict) -> None:
-  m, s = c.model, c.sparsity
-  for key in ("width", "num_blocks"):
-    if m[key] <= 0:
-      raise ConfigError(f"model.{key}={m[key]} must be positive.\n"
-                        f"Fix: pass --config.model.{key}=<a positive integer>.")
+  s = c.sparsity
   modules = {"sparsity.activation": (s.activation, "relu"),
              "sparsity.zeroth_bias_position": (s.zeroth_bias_position, "none"),
              "sparsity.restricted_norm": (s.restricted_norm, False),
@@ -362,15 +317,6 @@ def _validate_residual_mlp(c: ml_collections.ConfigDict) -> None:
 
 def _validate_t5(c: ml_collections.ConfigDict) -> None:
   m, t = c.model, c.text
-  for key in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
-              "num_encoder_layers", "num_decoder_layers", "max_len"):
-    if m[key] <= 0:
-      raise ConfigError(f"model.{key}={m[key]} must be positive.\n"
-                        f"Fix: pass --config.model.{key}=<a positive integer>.")
-  for key in ("inputs_length", "targets_length"):
-    if t[key] <= 0:
-      raise ConfigError(f"text.{key}={t[key]} must be positive.\n"
-                        f"Fix: pass --config.text.{key}=<a positive integer>.")
   longest = max(t.inputs_length, t.targets_length)
   if c.sparsity.zeroth_bias_position != "none" and longest > m.max_len:
     raise ConfigError(
@@ -378,6 +324,239 @@ def _validate_t5(c: ml_collections.ConfigDict) -> None:
         f"text.targets_length={t.targets_length}) are longer than the zeroth bias table "
         f"(model.max_len={m.max_len} rows).\n"
         f"Fix: pass --config.model.max_len={longest}, or shorten the sequences.")
+
+
+# ------------------------------------------------------------------------ valid values
+@dataclasses.dataclass(frozen=True)
+class Valid:
+  """The values one config key may take: `text` says it (in errors and docs/configs.md),
+  `accepts` checks it, `counterexample` is a value a command line can pass that it
+  rejects (None where the flag's type already rules out every bad value)."""
+  text: str
+  accepts: Callable[[Any], bool]
+  counterexample: Any = None
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+  return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(v)
+
+
+def _bounds_text(low, high, low_open, high_open) -> str:
+  parts = []
+  if low is not None:
+    parts.append(f"{'>' if low_open else '>='} {low}")
+  if high is not None:
+    parts.append(f"{'<' if high_open else '<='} {high}")
+  return " and ".join(parts)
+
+
+def _within(v, low, high, low_open, high_open) -> bool:
+  return ((low is None or (v > low if low_open else v >= low)) and
+          (high is None or (v < high if high_open else v <= high)))
+
+
+def integer(low: int | None = None, high: int | None = None) -> Valid:
+  """An int (not a bool) in [low, high]."""
+  bounds = _bounds_text(low, high, False, False)
+  return Valid(f"an integer{' ' + bounds if bounds else ''}",
+               lambda v: _is_int(v) and _within(v, low, high, False, False),
+               low - 1 if low is not None else high + 1)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open=False,
+           high_open=False, optional=False) -> Valid:
+  """A finite int or float within the bounds (NaN and inf never are); None if optional."""
+  bounds = _bounds_text(low, high, low_open, high_open)
+  text = f"a finite number{' ' + bounds if bounds else ''}"
+  bad = float("nan") if low is None else (low if low_open else low - 0.5)
+  return Valid(text + (", or None (unset)" if optional else ""),
+               lambda v: (optional and v is None) or (
+                   _is_number(v) and _within(v, low, high, low_open, high_open)), bad)
+
+
+def one_of(*options) -> Valid:
+  """Exactly one of `options`."""
+  return Valid(f"one of {', '.join(map(repr, options))}",
+               lambda v: any(v == o and type(v) is type(o) for o in options), "bogus")
+
+
+def boolean() -> Valid:
+  return Valid("True or False", lambda v: isinstance(v, (bool, np.bool_)))
+
+
+def string(*, optional=False, nonempty=False) -> Valid:
+  """A str ('' allowed unless nonempty); None too if optional."""
+  text = "a non-empty string" if nonempty else "a string"
+  return Valid(text + (", or None (unset)" if optional else ""),
+               lambda v: (optional and v is None) or (
+                   isinstance(v, str) and (bool(v) or not nonempty)),
+               "" if nonempty else None)
+
+
+def _compiles(v) -> bool:
+  try:
+    re.compile(v)
+    return True
+  except (re.error, TypeError):
+    return False
+
+
+def regex() -> Valid:
+  """A Python regular expression ('' matches every path)."""
+  return Valid("a Python regex", lambda v: isinstance(v, str) and _compiles(v), "(")
+
+
+def int_tuple(length: int, *, low: int = 1, minus_one: bool = False,
+              optional=False) -> Valid:
+  """A tuple (or list) of `length` ints >= low; with minus_one, at most one -1 too."""
+  text = f"{length} integers >= {low}"
+  if minus_one:
+    text += " with at most one -1 (= the remaining devices)"
+  def accepts(v):
+    if optional and v is None:
+      return True
+    if not isinstance(v, (tuple, list)) or len(v) != length or not all(map(_is_int, v)):
+      return False
+    free = [x for x in v if minus_one and x == -1]
+    return len(free) <= 1 and all(x >= low for x in v if not (minus_one and x == -1))
+  return Valid(text + (", or None (unset)" if optional else ""), accepts,
+               (low,) * (length - 1))
+
+
+_POSITIVE = integer(1)
+_COUNT = integer(0)
+_PROBABILITY = number(0, 1, high_open=True)
+
+# Every key of every schema above, with the values it may take. validate() checks the
+# keys a config has; tests/test_config_ranges.py checks that each key of each schema
+# and of each configs/*.py file is listed here, and runs each check through the CLI.
+RANGES: dict[str, Valid] = {
+    # Common keys.
+    "seed": integer(0, 2**31 - 1),
+    "variant": one_of(*VARIANTS),
+    "sparsity.activation": one_of("relu", "jsrelu", "mixed", "s_shaped"),
+    "sparsity.activation_mixing_steps": _COUNT,
+    "sparsity.zeroth_bias_position": one_of("none", "mlp_output", "mlp_input"),
+    "sparsity.zeroth_bias_clipping": number(0, low_open=True, optional=True),
+    "sparsity.restricted_norm": boolean(),
+    "sparsity.norm_projection": one_of("clamp", "uplift"),
+    "sparsity.uplift_steps": _COUNT,
+    "sparsity.projection_timing": one_of("after_update", "before_update"),
+    "sparsity.weight_noise": number(0),
+    "sparsity.s_shaped_shift_x": number(),
+    "sparsity.s_shaped_shift_y": number(),
+    "sparsity.s_shaped_half_width": number(0, low_open=True),
+    "finetune.checkpoint": string(),
+    "finetune.checkpoint_step": integer(-1),
+    "finetune.lora_rank": _COUNT,
+    "finetune.lora_targets": regex(),
+    "finetune.trainable": regex(),
+    "data_dir": string(optional=True, nonempty=True),
+    "batch_size": _POSITIVE,
+    "eval_batch_size": _POSITIVE,
+    "metrics_batch_size": _COUNT,
+    "metrics.theory": boolean(),
+    "metrics.spectral_threshold": number(0, low_open=True, optional=True),
+    "optimizer.learning_rate": number(0, low_open=True),
+    "optimizer.weight_decay": number(0),
+    "optimizer.weight_decay_exclude": regex(),
+    "optimizer.name": one_of("adamw", "sgd"),
+    "optimizer.b1": _PROBABILITY,
+    "optimizer.b2": _PROBABILITY,
+    "optimizer.grad_clip_norm": number(0),  # 0 = no clipping.
+    "optimizer.schedule": one_of("cosine", "constant", "inverse_sqrt"),
+    "optimizer.warmup_steps": _COUNT,
+    "optimizer.lr_update_every": _POSITIVE,  # And <= num_steps (_validate_recipe).
+    "num_steps": _POSITIVE,
+    "log_every": _POSITIVE,
+    "eval_every": _POSITIVE,
+    "checkpoint_every": _POSITIVE,
+    "keep_checkpoints": _POSITIVE,
+    "mesh_shape": int_tuple(3, minus_one=True),
+    "mlp_impl": one_of("xla", "pallas"),
+    "mlp_backend": one_of("auto", "tpu", "gpu"),
+    "mlp_tiles": int_tuple(3, optional=True),
+    "model.name": one_of(*MODELS),
+    "model.dtype": one_of("float32", "bfloat16"),
+    # Image experiments.
+    "model.patch_size": _POSITIVE,
+    "model.hidden_size": _POSITIVE,
+    "model.num_layers": _POSITIVE,
+    "model.num_heads": _POSITIVE,
+    "model.mlp_dim": _POSITIVE,
+    "dataset": one_of(*IMAGE_DATASETS, *TEXT_DATASETS),
+    "manual_dir": string(optional=True, nonempty=True),
+    "image_size": _POSITIVE,
+    "num_classes": integer(2),
+    "input.shuffle_buffer": _POSITIVE,
+    "input.crop": one_of("pad_crop", "none", "inception"),
+    "input.flip": boolean(),
+    "input.randaugment_layers": _COUNT,
+    "input.randaugment_magnitude": _COUNT,
+    "input.mixup_alpha": number(0),
+    "input.cutmix_alpha": number(0),
+    "input.label_smoothing": _PROBABILITY,
+    "input.eval_resize": _POSITIVE,
+    "input.randaugment_scale": one_of("big_vision", "torchvision"),
+    "input.mix_targets": one_of("soft", "hard"),
+    "input.repeated_augmentation": _POSITIVE,
+    # The residual MLP.
+    "model.width": _POSITIVE,
+    "model.num_blocks": _POSITIVE,
+    # Text experiments.
+    "model.vocab_size": _POSITIVE,
+    "model.d_model": _POSITIVE,
+    "model.head_dim": _POSITIVE,
+    "model.d_ff": _POSITIVE,
+    "model.num_encoder_layers": _POSITIVE,
+    "model.num_decoder_layers": _POSITIVE,
+    "model.relative_attention_num_buckets": integer(2),
+    "model.relative_attention_max_distance": _POSITIVE,
+    "model.dropout_rate": _PROBABILITY,
+    "model.attention_dropout_rate": _PROBABILITY,
+    "model.max_len": _POSITIVE,
+    "text.vocabulary_path": string(),
+    "text.vocabulary_pieces": _POSITIVE,
+    "text.inputs_length": _POSITIVE,
+    "text.targets_length": _POSITIVE,
+    "text.noise_density": number(0, 1, low_open=True, high_open=True),
+    "text.mean_noise_span_length": number(1),
+    "text.shuffle_window": _POSITIVE,
+    "text.eval_max_examples": _COUNT,
+    "text.document_separator": one_of("eos", "none"),
+}
+
+
+def check_ranges(c: ml_collections.ConfigDict) -> None:
+  """Every key of `c` that RANGES lists against its valid values; ConfigError for the
+  first that is not, naming the key, the value, what it may be, and the default."""
+  values = flatten(c.to_dict())
+  defaults = flatten(defaults_for(c).to_dict()) if _valid_model(c) else {}
+  for key, value in values.items():
+    valid = RANGES.get(key)
+    if valid is None or valid.accepts(value):
+      continue
+    shown = tuple(value) if isinstance(value, list) else value
+    default = defaults.get(key)
+    example = (f", e.g. --config.{key}={_flag_text(default)} (the schema's default)"
+               if default is not None and valid.accepts(default) else "")
+    raise ConfigError(f"config.{key}={shown!r} is not valid: it must be {valid.text}.\n"
+                      f"Fix: set it to {valid.text}{example}.")
+
+
+def _valid_model(c: ml_collections.ConfigDict) -> bool:
+  return c.model.get("name") in MODELS
+
+
+def _flag_text(value) -> str:
+  """`value` as a --config.key= override would spell it."""
+  if isinstance(value, (list, tuple)):
+    return "'(" + ", ".join(map(str, value)) + ")'"
+  return str(value)
 
 
 def _validate_recipe(c: ml_collections.ConfigDict) -> None:

@@ -13,7 +13,7 @@ import logging as std_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_jax import cli, distributed
+from sparse_jax import cli, config_schema, distributed
 from sparse_jax.cli import fail as _fail
 from sparse_jax.cli import flag_error_message as _flag_error_message
 from sparse_jax.cli import show_progress as _show_progress
@@ -84,6 +84,7 @@ def main(argv) -> None:
       if jax.process_index() > 0:  # One copy of the progress lines: process 0's.
         std_logging.getLogger("sparse_jax").setLevel(std_logging.WARNING)
   # Imported here so that flag errors and --help do not pay for importing JAX.
+  cli.import_tensorflow_quietly()
   from sparse_jax import describe, train  # pylint: disable=import-outside-toplevel
   try:
     if _DRY_RUN.value:
@@ -96,10 +97,12 @@ def main(argv) -> None:
 
 def _load_config():
   """The config with its command-line overrides applied (ml_collections applies them
-  lazily, so unknown keys and unloadable files surface here)."""
+  lazily, so unknown keys and unloadable files surface here), validated."""
   try:
     config = _CONFIG.value
     config.to_dict()
+    # Here, before JAX is imported: bad values stop in a second, with nothing written.
+    config_schema.validate(config)
     return config
   except ConfigError as e:
     _fail(str(e))

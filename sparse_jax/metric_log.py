@@ -15,17 +15,31 @@ from etils import epath
 FILE = "metrics.jsonl"
 
 
+class DamagedLineError(ValueError):
+  """A line of the file, other than a last line cut short, that is not a record."""
+
+
 def read(path: epath.Path) -> Iterator[dict[str, Any]]:
-  """The file's records in order; a line cut short (a killed writer) is skipped."""
+  """The file's records in order.
+
+  A last line without its newline that does not parse was cut short by a killed writer
+  and is skipped; any other line that is not a record {"step": int, ...} raises
+  DamagedLineError (never dropped silently: a resume would rewrite the file without it).
+  """
   if not path.exists():
     return
-  for line in path.read_text().splitlines():
+  lines = path.read_text().split("\n")  # A complete file ends in "\n": last piece ''.
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
-      continue
+      record = None
     if isinstance(record, dict) and isinstance(record.get("step"), int):
       yield record
+    elif number < len(lines):  # A complete line (it has its newline) that is no record.
+      raise DamagedLineError(f"line {number} is not a record of a step ({line[:80]!r})")
 
 
 class MetricLog:

@@ -26,8 +26,8 @@ import numpy as np
 from etils import epath
 
 from sparse_jax import config_schema, metric_log, stats
-
-CONFIG_FILE, SUMMARY_FILE = "config.json", "summary.json"
+from sparse_jax.errors import ConfigError
+from sparse_jax.run_files import CONFIG_FILE, SUMMARY_FILE, read_json, read_metric_log
 BASELINE = "vanilla"
 VARIANT_ORDER = ("sparsified", "vanilla", "finetune")
 COLORS = {"sparsified": "tab:blue", "vanilla": "tab:orange", "finetune": "tab:green"}
@@ -109,12 +109,11 @@ def load_runs(dirs: list[str]) -> list[RunData]:
       if str(path) in seen:
         continue
       seen.add(str(path))
-      config = json.loads((path / CONFIG_FILE).read_text())
-      summary_path = path / SUMMARY_FILE
-      summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+      config = read_json(path / CONFIG_FILE)
+      summary = read_json(path / SUMMARY_FILE)
       if summary is not None and summary.get("step") != config.get("num_steps"):
         summary = None
-      history = list(metric_log.read(path / metric_log.FILE))
+      history = read_metric_log(path / metric_log.FILE)
       runs.append(RunData(str(path), config, summary, history))
   assign_points(runs)
   return runs
@@ -697,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
       runs = load_runs(dirs)
     except FileNotFoundError as e:
       cli.fail(f"{e}\nFix: pass run workdirs or folders holding them.")
+    except ConfigError as e:  # A damaged file in a run.
+      cli.fail(str(e))
     if not runs:
       cli.fail(f"No runs (config.json) found under {', '.join(dirs)}.\n"
                "Fix: pass run workdirs or folders holding them.")

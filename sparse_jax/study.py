@@ -20,7 +20,6 @@ resumes interrupted ones; a rerun may change --seeds (the study grows or shrinks
 not the config, variants, grid or overrides.
 """
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -30,7 +29,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from sparse_jax import cli
+from sparse_jax import cli, run_files
 from sparse_jax.config_schema import VARIANTS
 from sparse_jax.errors import ConfigError
 
@@ -228,11 +227,10 @@ def study_spec(config_arg: str, variants, seeds, grid, overrides) -> dict:
 def check_study_file(workdir: str, spec: dict) -> dict:
   """The spec to save: refuses a DIR holding another study; seeds may change (the
   saved spec lists every seed run so far)."""
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  path = epath.Path(workdir) / STUDY_FILE
-  if not path.exists():
+  path = run_files.workdir_path(workdir) / STUDY_FILE
+  old = run_files.read_json(path)
+  if old is None:
     return spec
-  old = json.loads(path.read_text())
   keys = ("config_path", "config_args", "variants", "grid", "overrides")
   diff = [k for k in keys if old.get(k) != spec[k]]
   if diff:
@@ -253,7 +251,8 @@ def run_study(runs: list[Run], configs: list, workdir: str) -> list[str]:
   """Trains every run not finished yet, in order; returns the failed (diverged) ones."""
   import jax  # pylint: disable=import-outside-toplevel
   from sparse_jax import train  # pylint: disable=import-outside-toplevel
-  finished = [(train.workdir_path(r.workdir) / train.SUMMARY_FILE).exists() for r in runs]
+  finished = [(run_files.workdir_path(r.workdir) / run_files.SUMMARY_FILE).exists()
+              for r in runs]
   todo = len(runs) - sum(finished)
   walls, failed = [], []
   for i, (run, config) in enumerate(zip(runs, configs)):
@@ -318,14 +317,15 @@ def main(argv) -> None:
 
   cli.show_progress()
   cli.use_compilation_cache(_CACHE_DIR.value)
+  cli.import_tensorflow_quietly()
   from etils import epath  # pylint: disable=import-outside-toplevel
   from sparse_jax import report, train  # pylint: disable=import-outside-toplevel
   try:
     for run, config in zip(runs, configs):  # Before anything is written.
       train.check_workdir(run.workdir, config)
-    root = train.workdir_path(workdir)
+    root = run_files.workdir_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    train.write_json_atomic(root / STUDY_FILE, spec)
+    run_files.write_json_atomic(root / STUDY_FILE, spec)
     _say(f"{len(runs)} runs: {len(grid_points(grid))} grid point(s) x {len(variants)} "
          f"variant(s) x {len(seeds)} seed(s) in {root / RUNS_DIR}")
     failed = run_study(runs, configs, workdir)

@@ -22,11 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 from flax import struct, traverse_util
 
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import config_schema, finetune, metric_log, metrics, sharding, tasks
+from sparse_jax import (config_schema, finetune, metric_log, metrics, run_files,
+                        sharding, tasks)
+from sparse_jax.run_files import (BEFORE_FILE, CONFIG_FILE, EXPORT_DIR, SUMMARY_FILE,
+                                  read_json, workdir_path, write_json_atomic)
 from sparse_jax.errors import ConfigError
 from sparse_jax.models import build_model
 from sparse_jax.ops.activations import mixing_coefficient
@@ -344,23 +346,13 @@ def evaluate(exp: Experiment, eval_step, params, step) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- workdir
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-BEFORE_FILE = "before_finetuning.json"  # Eval of the starting point of a finetune run.
-EXPORT_DIR = "export"                   # Plain (LoRA-merged) params of a finished run.
-
-
-def workdir_path(workdir: str) -> epath.Path:
-  """The workdir as a path: local ones made absolute, gs:// (any epath scheme) as is."""
-  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
-
-
 def config_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Workdir must be creatable/writable and hold no run of a different config.
+  """Workdir must be creatable/writable, hold no run of a different config, and its
+  files (config.json, summary.json, before_finetuning.json, metrics.jsonl) must read.
 
   Touches nothing: the write probe is an unnamed temporary file that disappears (local
   workdirs; a gs:// bucket's permissions show at the first write).
@@ -368,9 +360,13 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = workdir_path(workdir)
   if "://" not in workdir:
     _check_local_writable(str(path))
+  for name in (SUMMARY_FILE, BEFORE_FILE):
+    read_json(path / name)
+  run_files.read_metric_log(path / metric_log.FILE)
   saved = path / CONFIG_FILE
-  if saved.exists():
-    old = config_schema.flatten(json.loads(saved.read_text()))
+  old = read_json(saved)
+  if old is not None:
+    old = config_schema.flatten(old)
     new = config_schema.flatten(json.loads(config_json(config)))
     # Keys added to the schema after that run started are fine at their defaults.
     defaults = config_schema.flatten(
@@ -386,30 +382,31 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
           f"{saved} to resume that run.")
 
 
-def _check_local_writable(path: str) -> None:
+def _check_local_writable(path: str, what: str = "Workdir",
+                          fix: str = "Fix: pass a --workdir in a directory you can write "
+                                     "to.") -> None:
+  """`path` is a directory we can write in, or can be created as one."""
   probe_dir = path
   while not os.path.exists(probe_dir):
     probe_dir = os.path.dirname(probe_dir)
-  fix = "Fix: pass a --workdir in a directory you can write to."
   if not os.path.isdir(probe_dir):
-    raise ConfigError(f"Workdir {path} cannot be created: {probe_dir} is a file.\n{fix}")
+    raise ConfigError(f"{what} {path} cannot be created: {probe_dir} is a file.\n{fix}")
   try:
     with tempfile.TemporaryFile(dir=probe_dir):
       pass
   except OSError as e:
-    raise ConfigError(f"Workdir {path} is not writable ({e.strerror} in {probe_dir}).\n"
+    raise ConfigError(f"{what} {path} is not writable ({e.strerror} in {probe_dir}).\n"
                       f"{fix}") from None
 
 
-def write_json_atomic(path: epath.Path, payload: Any) -> None:
-  """Writes JSON through a temporary file and a rename: readers never see half a file."""
-  tmp = path.parent / f"{path.name}.tmp"
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=list))
-  tmp.replace(path)
-
-
-def _read_json(path: epath.Path) -> Any:
-  return json.loads(path.read_text()) if path.exists() else None
+def check_data_dir(config: ml_collections.ConfigDict) -> None:
+  """A local config.data_dir must be a directory, or creatable: datasets are prepared
+  into it (an existing one may be read-only, holding prepared datasets)."""
+  data_dir = config.get("data_dir")
+  if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
+    _check_local_writable(os.path.abspath(data_dir), "config.data_dir",
+                          "Fix: pass --config.data_dir=<a directory you can write to, or "
+                          "one where the datasets are prepared>.")
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
@@ -418,6 +415,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.M
   mesh = sharding.make_mesh(config.mesh_shape)
   check_batch_sizes(config, mesh)
   check_workdir(workdir, config)
+  check_data_dir(config)
   finetune.check_source(config)
   return mesh
 
@@ -480,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = preflight(config, workdir)
   root = workdir_path(workdir)
   summary_path = root / SUMMARY_FILE
-  summary = _read_json(summary_path)
+  summary = read_json(summary_path)
   if summary is not None:  # Finished (same config, checked above): no retraining.
     if summary.get("step") == config.num_steps:
       log.info("Run in %s already finished at step %d; see %s.", workdir,
@@ -512,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_state(exp)
   start_step = int(jax.device_get(state.step))
   eval_step = make_eval_step(exp)
-  before = _read_json(root / BEFORE_FILE)
+  before = read_json(root / BEFORE_FILE)
   if finetune.enabled(config) and latest is None:
     # The starting point, evaluated by the finetune model itself (with the mixed
     # activation at k = 0 that is exactly the source model).

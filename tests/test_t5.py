@@ -187,7 +187,7 @@ def test_t5_config_validation_names_the_fix():
   from sparse_jax.errors import ConfigError
   config = t5_c4.get_config("tiny")
   config.model.d_model = 0
-  with pytest.raises(ConfigError, match="model.d_model=0 must be positive"):
+  with pytest.raises(ConfigError, match="config.model.d_model=0 is not valid: it must be an integer >= 1"):
     config_schema.validate(config)
   config = t5_c4.get_config("tiny")
   config.text.inputs_length = 100

@@ -68,7 +68,7 @@ def test_config_validation_messages():
   with pytest.raises(ConfigError, match=r"not \(8, 128\)-aligned(.|\n)*Fix: pass"):
     config_schema.validate(c)
   c.mlp_tiles = (8, 128)
-  with pytest.raises(ConfigError, match="three positive integers"):
+  with pytest.raises(ConfigError, match="must be 3 integers >= 1, or None"):
     config_schema.validate(c)
 
 
