@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -57,9 +56,8 @@ def memory_per_device(exp: train.Experiment, mesh_shape: Sequence[int]) -> MeshM
   params = exp.state_shapes.params
   param_shardings = sharding.logical_shardings(exp.boxed_params, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  opt_shardings = optax.tree_map_params(exp.tx, lambda _, s: s, exp.state_shapes.opt_state,
-                                        param_shardings,
-                                        transform_non_params=lambda _: replicated)
+  opt_shardings = train.opt_state_shardings(exp.tx, exp.state_shapes.opt_state,
+                                            param_shardings, replicated)
   param_bytes = sum(jax.tree.leaves(jax.tree.map(_shard_bytes, params, param_shardings)))
   opt_bytes = sum(jax.tree.leaves(jax.tree.map(_shard_bytes, exp.state_shapes.opt_state,
                                                opt_shardings)))

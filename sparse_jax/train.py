@@ -182,15 +182,22 @@ def build_experiment(config: ml_collections.ConfigDict,
   params = nn.unbox(boxed)
   opt_shapes = jax.eval_shape(tx.init, params)
   replicated = sharding.replicated(mesh)
-  # Frozen params (finetuning) have MaskedNode placeholders instead of optimizer state.
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda v, s: v if masked(v) else s, opt_shapes, param_shardings,
-      transform_non_params=lambda _: replicated, is_leaf=masked)
+  opt_shardings = opt_state_shardings(tx, opt_shapes, param_shardings, replicated)
   step = jax.ShapeDtypeStruct((), jnp.int32)
   return Experiment(config, task, model, tx, mesh, boxed,
                     TrainState(step, params, opt_shapes),
                     TrainState(replicated, param_shardings, opt_shardings))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, opt_shapes: Any,
+                        param_shardings: Any, replicated: Any) -> Any:
+  """Shardings of `tx`'s state: leaves that mirror a parameter (Adam's moments) are
+  sharded like it, the others (step counts) `replicated`. Frozen params (finetuning)
+  keep their MaskedNode placeholders instead of optimizer state."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return optax.tree_map_params(
+      tx, lambda v, s: v if masked(v) else s, opt_shapes, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def init_state(exp: Experiment) -> TrainState:

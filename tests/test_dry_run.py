@@ -155,3 +155,17 @@ def test_cli_mesh_errors(flags, phrase):
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("Fix:"), proc.stderr[-1000:]
   assert phrase in proc.stderr, proc.stderr[-1000:]
+
+
+def test_memory_of_a_finetune_counts_only_trained_params_state():
+  """Finetuning freezes params (optax MaskedNode in place of their Adam moments): the
+  dry run's memory table must handle that, and count moments of the trained ones only."""
+  c = config_schema.apply_variant(config_schema.base_config(), "finetune")
+  c.model.update(TINY_OVERRIDES)
+  c.finetune.lora_rank, c.finetune.lora_targets = 2, "mlp/w[io]/kernel"
+  exp = train.build_experiment(c)
+  m = describe.memory_per_device(exp, (1, 1, 1))
+  lora = (32 * 2 + 2 * 64) + (64 * 2 + 2 * 32)  # wi and wo: A [in, r], B [r, out]
+  assert m.param_bytes == 4 * exp.num_params
+  # Only the LoRA factors train (finetune.trainable is ''): their two Adam moments.
+  assert m.opt_state_bytes == 2 * 4 * lora + COUNTS
