@@ -2,12 +2,16 @@
 
 The method in your own Flax Linen model (names resolve lazily, see below):
 
-  sparsify(model, activation=, zeroth_bias=, max_len=, weight_noise=, match=)
-      the model with its MLP blocks sparsified (J-SquaredReLU, zeroth bias, per-token
-      weight noise, observation hooks), a Linen module (`transforms.sparsify`).
+  sparsify(model, activation=, zeroth_bias=, max_len=, weight_noise=, match=, gate=)
+      the model with its MLP blocks (two-Dense and gated GLU blocks) sparsified
+      (J-SquaredReLU, zeroth bias, per-token weight noise, observation hooks), a Linen
+      module (`transforms.sparsify`); the defaults are the papers' sparsified recipe.
   Sparsified, MlpRule          the module `sparsify` returns; the MLP matching rule.
+  merge_pretrained(sparse_model, pretrained, *inputs, **kwargs)
   merge_pretrained(params, pretrained)
-      loads the original model's params into the sparsified model's.
+      loads the original model's params (boxed or not) into the sparsified model's.
+  param_shapes(model, *inputs, **kwargs)
+      a model's params as shapes, keyword arguments (`train=False`) bound before tracing.
   optax_projections(tx, norm_projection=, zeroth_bias_clipping=, norm_pattern=, ...)
       any optax optimizer plus the zeroth-bias box and restricted-LayerNorm clamp /
       uplift after every update (`transforms.sparsify_params`).
@@ -41,6 +45,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "mlp_kernel_predicate": ("sparse_jax.transforms.mlp_rule", "mlp_kernel_predicate"),
     "merge_pretrained": ("sparse_jax.transforms.sparsify_params", "merge_pretrained"),
     "optax_projections": ("sparse_jax.transforms.sparsify_params", "optax_projections"),
+    "param_shapes": ("sparse_jax.transforms.sparsify_params", "param_shapes"),
     "ProjectionRule": ("sparse_jax.transforms.projections", "ProjectionRule"),
     "with_projections": ("sparse_jax.transforms.projections", "with_projections"),
     "noisy_apply": ("sparse_jax.transforms.weight_noise", "noisy_apply"),
