@@ -1,4 +1,5 @@
 """Shared test helpers: run the CLI as a user would, with a tiny config."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -33,6 +34,31 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None
   return subprocess.run([sys.executable, "-m", "sparse_jax.main", *args],
                         capture_output=True, text=True, timeout=timeout,
                         env=env or cli_env(), cwd=REPO)
+
+
+def snapshot(path) -> dict[str, str] | None:
+  """{relative path: sha256} of every file under `path` (None if it does not exist):
+  equal snapshots mean the directory is byte for byte as it was."""
+  if not os.path.exists(path):
+    return None
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *phrases: str) -> None:
+  """The CLI stopped on bad input as promised: exit code 1, no traceback, a last line
+  starting 'Fix:', and each phrase in its stderr."""
+  assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("Fix:"), lines[-3:]
+  for phrase in phrases:
+    assert phrase in proc.stderr, (phrase, proc.stderr[-1000:])
 
 
 @pytest.fixture(scope="session")

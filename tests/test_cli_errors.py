@@ -5,28 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_CONFIG, REPO, cli_env, run_cli
-
-
-def _snapshot(path):
-  """Every file under path with its size and mtime (None if path does not exist)."""
-  if not os.path.exists(path):
-    return None
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      p = os.path.join(root, f)
-      out[p] = (os.path.getsize(p), os.path.getmtime(p))
-  return out
-
-
-def _assert_clean_error(proc, *phrases):
-  assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
-  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  lines = proc.stderr.strip().splitlines()
-  assert lines[-1].startswith("Fix:"), lines[-3:]
-  for phrase in phrases:
-    assert phrase in proc.stderr, (phrase, proc.stderr[-1000:])
+from conftest import DEFAULT_CONFIG, REPO, assert_clean_error, cli_env, run_cli, snapshot
 
 
 @pytest.mark.parametrize("extra, phrases", [
@@ -39,13 +18,13 @@ def _assert_clean_error(proc, *phrases):
 def test_bad_config_overrides(tmp_path, extra, phrases):
   workdir = tmp_path / "run"
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", *extra)
-  _assert_clean_error(proc, *phrases)
+  assert_clean_error(proc, *phrases)
   assert not workdir.exists()
 
 
 def test_unknown_variant(tmp_path):
   proc = run_cli(f"--config={DEFAULT_CONFIG}:bogus", f"--workdir={tmp_path / 'run'}")
-  _assert_clean_error(proc, "Unknown config argument 'bogus'")
+  assert_clean_error(proc, "Unknown config argument 'bogus'")
 
 
 def test_batch_not_divisible_by_eight_devices(tmp_path):
@@ -53,7 +32,7 @@ def test_batch_not_divisible_by_eight_devices(tmp_path):
   env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}",
                  "--config.batch_size=12", env=env)
-  _assert_clean_error(proc, "batch_size=12 is not divisible by the 8 data-parallel")
+  assert_clean_error(proc, "batch_size=12 is not divisible by the 8 data-parallel")
   assert not (tmp_path / "run").exists()
 
 
@@ -61,9 +40,9 @@ def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={blocker / 'run'}")
-  _assert_clean_error(proc, "cannot be created")
+  assert_clean_error(proc, "cannot be created")
   proc = run_cli(f"--config={DEFAULT_CONFIG}", "--workdir=/proc/sparse_jax_test/run")
-  _assert_clean_error(proc, "is not writable")
+  assert_clean_error(proc, "is not writable")
 
 
 def test_workdir_of_a_different_config_is_left_alone(tmp_path):
@@ -74,11 +53,11 @@ def test_workdir_of_a_different_config_is_left_alone(tmp_path):
   other = default.get_config("vanilla")
   (workdir / "config.json").write_text(train.config_json(other))
   (workdir / "notes.txt").write_text("keep me")
-  before = _snapshot(str(workdir))
+  before = snapshot(str(workdir))
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}")
-  _assert_clean_error(proc, "holds a run of a different config",
+  assert_clean_error(proc, "holds a run of a different config",
                       "sparsity.activation: 'relu' there, 'jsrelu' now")
-  assert _snapshot(str(workdir)) == before
+  assert snapshot(str(workdir)) == before
 
 
 def test_missing_imagenet_manual_dir(tmp_path):
@@ -87,7 +66,7 @@ def test_missing_imagenet_manual_dir(tmp_path):
                  f"--workdir={workdir}", f"--config.data_dir={tmp_path / 'tfds'}",
                  f"--config.manual_dir={tmp_path / 'no_such_dir'}", "--config.batch_size=8",
                  "--config.eval_batch_size=8")
-  _assert_clean_error(proc, "ILSVRC2012_img_train.tar")
+  assert_clean_error(proc, "ILSVRC2012_img_train.tar")
   assert not workdir.exists()
 
 
@@ -99,7 +78,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
                  "--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=0",
                  "--config.optimizer.schedule=constant", "--config.checkpoint_every=1",
                  "--config.num_steps=20")
-  _assert_clean_error(proc, "Training diverged at step", "last good checkpoint (step 1)")
+  assert_clean_error(proc, "Training diverged at step", "last good checkpoint (step 1)")
   checkpoints = sorted(os.listdir(workdir / "checkpoints"))
   assert checkpoints == ["1"], checkpoints
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -132,7 +111,7 @@ def test_bad_t5_input_fails_before_compiling(tmp_path, data_dir, extra, phrases)
   workdir = tmp_path / "run"
   proc = run_cli(f"--config={T5_CONFIG}:tiny", f"--workdir={workdir}",
                  f"--config.data_dir={data_dir}", *extra)
-  _assert_clean_error(proc, *phrases)
+  assert_clean_error(proc, *phrases)
   assert "Compiled" not in proc.stderr
   assert not (workdir / "checkpoints").exists()
 
@@ -140,5 +119,5 @@ def test_bad_t5_input_fails_before_compiling(tmp_path, data_dir, extra, phrases)
 def test_c4_that_is_not_prepared_fails_fast(tmp_path):
   proc = run_cli(f"--config={T5_CONFIG}:base", f"--workdir={tmp_path / 'run'}",
                  f"--config.data_dir={tmp_path / 'empty_tfds'}", timeout=120)
-  _assert_clean_error(proc, "c4/en")
+  assert_clean_error(proc, "c4/en")
   assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,14 +1,13 @@
 """Every config key has a valid range (config_schema.RANGES), and a value outside it
 stops the CLI before anything is compiled or written: exit code 1, no traceback, a
 last line starting 'Fix:', and the workdir byte for byte as it was."""
-import hashlib
 import importlib
 import math
 import os
 
 import pytest
 
-from conftest import DEFAULT_CONFIG, REPO, run_cli
+from conftest import DEFAULT_CONFIG, REPO, assert_clean_error, run_cli, snapshot
 from sparse_jax import config_schema
 from sparse_jax.config_schema import RANGES
 from sparse_jax.errors import ConfigError
@@ -102,27 +101,9 @@ def test_docs_list_every_valid_range():
 
 
 # ------------------------------------------------------------------- through the CLI
-def _snapshot(path):
-  """{relative path: sha256} of every file under path (None if it does not exist)."""
-  if not os.path.exists(path):
-    return None
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      p = os.path.join(root, name)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def _assert_stopped_cleanly(proc, *phrases):
-  assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = proc.stderr.strip().splitlines()
-  assert lines[-1].startswith("Fix:"), lines[-3:]
+  assert_clean_error(proc, *phrases)
   assert "Compiled" not in proc.stderr
-  for phrase in phrases:
-    assert phrase in proc.stderr, (phrase, proc.stderr[-1000:])
 
 
 def _existing_workdir(tmp_path):
@@ -159,12 +140,12 @@ def test_only_flag_typed_keys_lack_a_counterexample():
 @pytest.mark.parametrize("key", CHECKED)
 def test_each_range_check_stops_the_cli(tmp_path, key):
   workdir = _existing_workdir(tmp_path)
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   value = _flag_value(RANGES[key].counterexample)
   proc = run_cli(f"--config={_config_with(key)}", f"--workdir={workdir}",
                  f"--config.{key}={value}", timeout=120)
   _assert_stopped_cleanly(proc, f"config.{key}=", "is not valid")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("extra, phrase", [
@@ -182,8 +163,8 @@ def test_each_range_check_stops_the_cli(tmp_path, key):
 @pytest.mark.parametrize("fresh", [True, False])
 def test_bad_input_of_the_issue_stops_before_writing(tmp_path, extra, phrase, fresh):
   workdir = tmp_path / "new_run" if fresh else _existing_workdir(tmp_path)
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}", extra,
                  timeout=120)
   _assert_stopped_cleanly(proc, phrase)
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from conftest import DEFAULT_CONFIG, run_cli
-from test_config_ranges import _assert_stopped_cleanly, _snapshot
+from conftest import DEFAULT_CONFIG, cli_env, run_cli, snapshot
+from test_config_ranges import _assert_stopped_cleanly
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import metric_log, run_files
 from sparse_jax.errors import ConfigError
@@ -23,9 +23,11 @@ TRAIN = ("--config.model.num_layers=1", "--config.batch_size=16", "--config.num_
 def finished_run(tmp_path_factory, data_dir, cache_dir):
   """A finished two-step run (checkpoints 1 and 2, metrics, summary) and its stderr."""
   workdir = tmp_path_factory.mktemp("finished") / "run"
+  env = cli_env()
+  env.pop("TF_CPP_MIN_LOG_LEVEL")  # As a user's shell: the chatter test needs that.
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}",
                  f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
-                 *TRAIN)
+                 *TRAIN, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc.stderr
 
@@ -59,10 +61,10 @@ def test_damaged_json_files_stop_the_run(finished_run, tmp_path, data_dir, cache
                                          name, damage, phrase):
   workdir = _copy(finished_run, tmp_path)
   (workdir / name).write_text(damage)
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = _rerun(workdir, data_dir, cache_dir)
   _assert_stopped_cleanly(proc, phrase, "Nothing was changed.")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_damaged_metrics_line_stops_the_run_and_is_not_dropped(
@@ -72,11 +74,11 @@ def test_damaged_metrics_line_stops_the_run_and_is_not_dropped(
   path = workdir / metric_log.FILE
   lines = path.read_text().splitlines(keepends=True)
   path.write_text("".join(["{\"step\": 1, \"train/lo\x00\n"] + lines[1:]))
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = _rerun(workdir, data_dir, cache_dir)
   _assert_stopped_cleanly(proc, "metrics.jsonl is damaged: line 1 is not a record",
                           "repair or delete that line")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_flipped_checkpoint_byte_is_caught_not_restored(finished_run, tmp_path, data_dir,
@@ -84,11 +86,11 @@ def test_flipped_checkpoint_byte_is_caught_not_restored(finished_run, tmp_path, 
   workdir = _copy(finished_run, tmp_path)
   (workdir / "summary.json").unlink()  # So the rerun restores checkpoint 2.
   _flip_a_byte(workdir / "checkpoints" / "2")
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = _rerun(workdir, data_dir, cache_dir)
   _assert_stopped_cleanly(proc, f"Checkpoint {workdir}/checkpoints/2 is damaged",
                           "fail their checksums", "resumes from step 1")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
   # The Fix line works: with the damaged step moved aside the run resumes from step 1.
   (workdir / "checkpoints" / "2").rename(workdir / "damaged_checkpoint_2")
   proc = _rerun(workdir, data_dir, cache_dir)
@@ -103,11 +105,11 @@ def test_unreadable_checkpoint_is_named(finished_run, tmp_path, data_dir, cache_
   state = workdir / "checkpoints" / "2" / "state"
   for f in state.rglob("manifest.ocdbt"):
     f.write_bytes(b"not a manifest")
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = _rerun(workdir, data_dir, cache_dir)
   _assert_stopped_cleanly(proc, f"Checkpoint {workdir}/checkpoints/2 is damaged",
                           "orbax cannot read it")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def _flip_a_byte(step_dir, largest_only=True):
