@@ -67,6 +67,7 @@ class DecodeState(NamedTuple):
   counted: jax.Array       # [B] float32: tokens those sums cover (up to and incl. EOS).
   union_units: jax.Array   # [decoder layers] float32: units active for some token of the
   #                          batch (not past its EOS), summed over steps.
+  union_steps: jax.Array   # float32: steps those sums cover (some sequence not ended).
   rng: jax.Array
 
 
@@ -121,12 +122,14 @@ def _step(model: T5, params: Any, state: DecodeState, previous: jax.Array,
     units = units & ~state.done[None, :, None]
     active = active + jnp.sum(units, axis=-1, dtype=jnp.float32).T
     union = union + jnp.sum(jnp.any(units, axis=1), axis=-1, dtype=jnp.float32)
+  union_steps = state.union_steps + jnp.any(~state.done).astype(jnp.float32)
   return state._replace(
       step=state.step + 1,
       tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None],
                                                  state.step, axis=1),
       done=state.done | (token == settings.eos_id), cache=mutated["cache"],
-      active_units=active, counted=state.counted + counts, union_units=union)
+      active_units=active, counted=state.counted + counts, union_units=union,
+      union_steps=union_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "settings"))
@@ -147,6 +150,7 @@ def start(model: T5, params: Any, encoder_tokens: jax.Array, settings: DecodeSet
       active_units=jnp.zeros((batch, model.cfg.num_decoder_layers), jnp.float32),
       counted=jnp.zeros((batch,), jnp.float32),
       union_units=jnp.zeros((model.cfg.num_decoder_layers,), jnp.float32),
+      union_steps=jnp.zeros((), jnp.float32),
       rng=jax.random.key(0) if rng is None else rng)
   return _step(model, params, state, jnp.full((batch,), START_ID, jnp.int32), settings,
                mixing, cache=None)
@@ -196,7 +200,7 @@ def generate(model: T5, params: Any, encoder_tokens: jax.Array, settings: Decode
   d_ff = model.cfg.d_ff
   if settings.with_density:
     density = state.active_units / d_ff / jnp.maximum(state.counted, 1.0)[:, None]
-    union = state.union_units / d_ff / jnp.maximum(state.step, 1)
+    union = state.union_units / d_ff / jnp.maximum(state.union_steps, 1.0)
   else:
     density = jnp.full_like(state.active_units, jnp.nan)
     union = jnp.full_like(state.union_units, jnp.nan)

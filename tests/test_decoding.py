@@ -119,6 +119,9 @@ def test_generate_is_greedy_and_mlp_decode_gives_the_same_tokens(variant):
                              dataclasses.replace(settings, sparse_mlp=True))
   np.testing.assert_array_equal(sparse.tokens, dense.tokens)
   np.testing.assert_allclose(sparse.density, dense.density)
+  # The batch's union: at least each token's share, at most their sum (no EOS here).
+  assert np.all(dense.union_density >= dense.density.max(axis=0) - 1e-6)
+  assert np.all(dense.union_density <= dense.density.sum(axis=0) + 1e-6)
   # Each token is the argmax of the teacher-forced logits of the tokens before it.
   previous = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), dense.tokens[:, :-1]], 1)
   forced = model.apply({"params": params}, enc, previous, train=False)
