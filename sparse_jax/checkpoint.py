@@ -79,6 +79,47 @@ def _ignore_closed_loop_callbacks() -> Callable[[Any], None]:
   return previous
 
 
+def damaged_checkpoint(step_dir: epath.Path, why: str, fix: str
+                       ) -> DamagedCheckpointError:
+  """The error for a damaged checkpoint step: which, why, and `fix`."""
+  return DamagedCheckpointError(f"Checkpoint {step_dir} is damaged: {why}. Nothing was "
+                                f"restored or changed.\nFix: {fix}.")
+
+
+def check_checksums(step_dir: epath.Path, tree: Any, expected: list, fix: str) -> None:
+  """DamagedCheckpointError unless `tree`'s leaves have the `expected` checksums."""
+  actual = state_checksums(tree)
+  bad = [i for i, (a, b) in enumerate(zip(actual, expected)) if a != b]
+  if bad or len(actual) != len(expected):
+    names = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(tree)[0]]
+    shown = ", ".join(names[i] for i in bad[:3]) or "the number of arrays"
+    raise damaged_checkpoint(step_dir, f"its contents fail their checksums ({shown}"
+                             f"{', ...' if len(bad) > 3 else ''})", fix)
+
+
+def read_failure(error: Exception) -> str:
+  """'Type: first line' of an orbax/tensorstore read error, cut to a readable length."""
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first[:240]}{'...' if len(first) > 240 else ''}"
+
+
+def restore_or_fail(manager: ocp.CheckpointManager, step: int, items: dict[str, Any],
+                    step_dir: epath.Path, fix: str) -> Any:
+  """`manager.restore(step, Composite(**items))`, or DamagedCheckpointError naming
+  `step_dir` and `fix` when orbax cannot read it (any failure to read is damage, or a
+  foreign file, in that step)."""
+  previous_hook = _ignore_closed_loop_callbacks()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    # (The filter stays: reads in flight keep failing until the process exits.)
+    raise damaged_checkpoint(step_dir, f"orbax cannot read it ({read_failure(e)})",
+                             fix) from None
+  sys.unraisablehook = previous_hook
+  return restored
+
+
 def state_checksums(state: Any) -> list[list[int]]:
   """Two 32-bit checksums per leaf of `state` (see the module docstring)."""
   return np.asarray(jax.device_get(_leaf_checksums(state))).tolist()
@@ -121,39 +162,21 @@ class Checkpointer:
       items["data"] = ocp.args.StandardRestore()
     if has_checksums:
       items["checksums"] = ocp.args.JsonRestore()
-    previous_hook = _ignore_closed_loop_callbacks()
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      # Any failure to read is damage (or a foreign file) in that step: say which.
-      # (The filter stays: reads in flight keep failing until the process exits.)
-      first = (str(e).strip().splitlines() or [""])[0]
-      raise self._damaged(step, f"orbax cannot read it ({type(e).__name__}: "
-                          f"{first[:240]}{'...' if len(first) > 240 else ''})") from None
-    sys.unraisablehook = previous_hook
+    restored = restore_or_fail(self._manager, step, items, step_dir, self._fix(step))
     if has_checksums:
-      expected = restored["checksums"]["leaves"]
-      actual = state_checksums(restored["state"])
-      bad = [i for i, (a, b) in enumerate(zip(actual, expected)) if a != b]
-      if bad or len(actual) != len(expected):
-        names = [jax.tree_util.keystr(p) for p, _ in
-                 jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
-        shown = ", ".join(names[i] for i in bad[:3]) or "the number of arrays"
-        raise self._damaged(step, f"its contents fail their checksums ({shown}"
-                            f"{', ...' if len(bad) > 3 else ''})")
+      check_checksums(step_dir, restored["state"], restored["checksums"]["leaves"],
+                      self._fix(step))
     data = np.asarray(restored["data"]["positions"]) if has_data else None
     return restored["state"], data
 
-  def _damaged(self, step: int, why: str) -> DamagedCheckpointError:
+  def _fix(self, step: int) -> str:
+    """Move the damaged step aside: the run resumes from the one before."""
     others = [s for s in self._manager.all_steps() if s != step]
     aside = self.directory.parent / f"damaged_checkpoint_{step}"
     then = (f"the run then resumes from step {max(others)}" if others else
             "the run then starts from scratch")
-    return DamagedCheckpointError(
-        f"Checkpoint {self.directory / str(step)} is damaged: {why}. Nothing was "
-        "restored or changed.\n"
-        f"Fix: move it aside (mv {self.directory / str(step)} {aside}); {then}. Or "
-        "restore that directory from a backup.")
+    return (f"move it aside (mv {self.directory / str(step)} {aside}); {then}. Or "
+            "restore that directory from a backup")
 
   def save(self, step: int, state: Any, *, data: np.ndarray | None = None,
            force: bool = False) -> bool:

@@ -11,7 +11,6 @@ Everything here is checked before anything compiles: the source exists, holds a
 checkpoint, was the same architecture (its config.json, then every param's shape), and
 the LoRA rank fits every adapted kernel.
 """
-import json
 import re
 from typing import Any
 
@@ -22,6 +21,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from sparse_jax import checkpoint as ckpt_lib
+from sparse_jax import run_files
 from sparse_jax.errors import ConfigError
 from sparse_jax.transforms import lora
 
@@ -81,7 +82,7 @@ def check_source(config: ml_collections.ConfigDict) -> None:
   if not saved.exists():
     raise ConfigError(f"finetune.checkpoint={config.finetune.checkpoint} is not a "
                       f"sparse_jax workdir (no {saved}).\n{_fix_source()}")
-  source_model = json.loads(saved.read_text()).get("model", {})
+  source_model = run_files.read_json(saved).get("model", {})
   model = config.model.to_dict()
   diff = sorted(k for k in source_model.keys() | model.keys()
                 if k not in MODEL_KEYS_FREE_TO_DIFFER and
@@ -103,14 +104,23 @@ def _manager(config) -> ocp.CheckpointManager:
   # The input positions item ('data') is registered only so orbax does not warn about it.
   return ocp.CheckpointManager(_source_dir(config) / "checkpoints",
                                item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                              "data": ocp.StandardCheckpointHandler()})
+                                              "data": ocp.StandardCheckpointHandler(),
+                                              "checksums": ocp.JsonCheckpointHandler()})
 
 
 def source_param_shapes(config: ml_collections.ConfigDict) -> dict[Path, tuple[int, ...]]:
   """Path -> shape of every param in the source checkpoint (metadata only)."""
+  step = source_step(config)
   manager = _manager(config)
-  metadata = manager.item_metadata(source_step(config))["state"]
-  manager.close()
+  try:
+    metadata = manager.item_metadata(step)["state"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise ckpt_lib.damaged_checkpoint(
+        _source_dir(config) / "checkpoints" / str(step),
+        f"orbax cannot read its metadata ({ckpt_lib.read_failure(e)})",
+        _FIX_DAMAGED_SOURCE) from None
+  finally:
+    manager.close()
   flat = traverse_util.flatten_dict(dict(metadata["params"]))
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
@@ -141,13 +151,31 @@ def load_source_params(config: ml_collections.ConfigDict, param_shapes: Any,
       p: jax.ShapeDtypeStruct(shapes[p].shape, shapes[p].dtype, sharding=shardings[p])
       for p in source})
   item = {"params": target}
+  step = source_step(config)
   manager = _manager(config)
-  restored = manager.restore(source_step(config), args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True)))
-  manager.close()
-  return traverse_util.flatten_dict(restored["state"]["params"])
+  items = {"state": ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)}
+  step_dir = _source_dir(config) / "checkpoints" / str(step)
+  if (step_dir / "checksums").exists():
+    items["checksums"] = ocp.args.JsonRestore()
+  try:
+    restored = ckpt_lib.restore_or_fail(manager, step, items, step_dir,
+                                        _FIX_DAMAGED_SOURCE)
+  finally:
+    manager.close()
+  params = restored["state"]["params"]
+  if "checksums" in items:
+    # The saved state is TrainState(step, params, opt_state): its params' rows follow
+    # the step's, in the same (sorted dict) order as the params restored here.
+    saved = restored["checksums"]["leaves"]
+    ckpt_lib.check_checksums(step_dir, params, saved[1:1 + len(jax.tree.leaves(params))],
+                             _FIX_DAMAGED_SOURCE)
+  return traverse_util.flatten_dict(params)
+
+
+_FIX_DAMAGED_SOURCE = ("restore that directory from a backup, or pass "
+                       "--config.finetune.checkpoint_step=<an earlier step of the source>")
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -27,7 +27,8 @@ EXPORT_DIR = "export"                   # Plain (LoRA-merged) params of a finish
 # What a user can do about each damaged file (the fix line).
 _DAMAGED_FIX = {
     CONFIG_FILE: "restore it from a backup (a finished run's summary.json holds the "
-                 "config under 'config'), or use a new --workdir",
+                 "config under 'config'); if it is this run's own workdir, a new "
+                 "--workdir also works",
     SUMMARY_FILE: "move it aside (mv {path} {path}.damaged); rerunning then evaluates "
                   "the final checkpoint again and writes a new one",
     BEFORE_FILE: "restore it from a backup, or move it aside (mv {path} {path}.damaged);"

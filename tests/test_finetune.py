@@ -1,7 +1,6 @@
 """Finetuning for sparsity: LoRA transforms, starting from another run's checkpoint,
 preemption by SIGTERM, the merged export, and the errors a user can run into."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -142,6 +141,19 @@ def test_t5_finetune_loads_the_vanilla_checkpoint_and_starts_as_that_model(tmp_p
   opt = jax.tree.leaves(state.opt_state)
   trainable = sum(v.size for p, v in flat.items() if labels[p] == "train")
   assert sum(x.size for x in opt) <= 2 * trainable + 16  # No Adam state for frozen params.
+
+  # A damaged source is named, never loaded: one flipped bit in each array data file.
+  for path in (workdir / "checkpoints" / "7").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      data = bytearray(path.read_bytes())
+      data[len(data) // 2] ^= 1
+      path.write_bytes(bytes(data))
+  with pytest.raises(ckpt_lib.DamagedCheckpointError,
+                     match=r"checkpoints/7 is damaged(.|\n)*finetune.checkpoint_step"):
+    train.init_state(exp)
+  (workdir / "config.json").write_text("{")
+  with pytest.raises(ConfigError, match="config.json is damaged: it is not valid JSON"):
+    finetune.check_source(c)
 
 
 def test_finetune_from_a_different_architecture_or_bad_rank_fails_before_compile(tmp_path):
