@@ -172,6 +172,22 @@ def fills(vocab, ids) -> dict[int, list[int]]:
   return out
 
 
+def show(vocab, ids) -> str:
+  """`ids` as text, sentinels as <extra_id_N> set off by spaces, up to EOS."""
+  parts, run = [], []
+  for i in ids:
+    i = int(i)
+    if i in (0, 1):
+      break
+    if i >= vocab.num_pieces:
+      parts += [vocab.decode(run), vocab.decode([i])]
+      run = []
+    else:
+      run.append(i)
+  parts.append(vocab.decode(run))
+  return " ".join(p.strip() for p in parts if p.strip())
+
+
 def filled_text(vocab, inputs, output) -> str:
   """The input with each sentinel replaced by the model's fill in [brackets]."""
   found = fills(vocab, output)
@@ -261,12 +277,12 @@ def generate_text(workdir: str, text: str, *, corrupt: bool = False, seed: int =
   layers = ", ".join(f"layer_{i} {d:.3f}" for i, d in enumerate(density))
   lines = [f"run:    {workdir} (step {run.step}, {run.config.sparsity.activation} "
            f"activation, zeroth bias {run.config.sparsity.zeroth_bias_position})",
-           f"input:  {vocab.decode(inputs)}",
-           f"output: {vocab.decode(output)}",
+           f"input:  {show(vocab, inputs)}",
+           f"output: {show(vocab, output)}",
            f"filled: {filled_text(vocab, inputs, output)}"]
   if targets is not None:
-    lines.append(f"truth:  {vocab.decode(targets)}")
-    lines.append(f"true:   {filled_text(vocab, inputs, targets)}")
+    lines.append(f"truth:  {show(vocab, targets)}")
+    lines.append(f"truth filled: {filled_text(vocab, inputs, targets)}")
   lines.append(f"decoder activation density over {length} generated tokens: "
                f"{density.mean():.3f} ({layers}); decoder MLPs: "
                f"{'mlp_decode' if settings.sparse_mlp else 'dense'}")

@@ -14,7 +14,7 @@ PLAIN = ("The break statement, like in C, breaks out of the innermost enclosing 
          "while loop. Loop statements may have an else clause.")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_t5_run(tmp_path_factory, data_dir, cache_dir) -> str:
   """configs/t5_c4.py:tiny trained for 8 steps, one checkpoint."""
   workdir = str(tmp_path_factory.mktemp("generate") / "t5_tiny")
@@ -68,7 +68,7 @@ def test_generate_corrupt_shows_the_truth(tiny_t5_run):
   assert "<extra_id_0>" in lines["input"] and lines["truth"].strip().startswith(
       "<extra_id_0>")
   # The truth filled back in is the text (SentencePiece normalises spaces only).
-  assert re.sub(r"[\s\[\]]", "", lines["true"]) == re.sub(r"\s", "", PLAIN)
+  assert re.sub(r"[\s\[\]]", "", lines["truth filled"]) == re.sub(r"\s", "", PLAIN)
   assert 0 < _density(out) <= 1
 
 

@@ -24,22 +24,24 @@ def test_mlp_weight_share_of_t5_base_from_its_shapes():
   assert t5_decode.bound(0.5, 1.0) == pytest.approx(1.0)
 
 
-def test_quick_run_writes_consistent_rows(tiny_t5_run, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("with_tiny", [
+    False, pytest.param(True, marks=pytest.mark.slow)], ids=["random", "with_tiny"])
+def test_quick_run_writes_consistent_rows(with_tiny, request, tmp_path):
   out = tmp_path / "rows.json"
+  extra = ([f"--workdir={request.getfixturevalue('tiny_t5_run')}"] if with_tiny
+           else ["--skip_tiny"])
   done = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "t5_decode.py"), "--quick",
-       "--batches=2", "--densities=0.05,0.3", f"--workdir={tiny_t5_run}",
-       f"--json={out}"], capture_output=True, text=True, timeout=600, env=cli_env(),
-      cwd=REPO)
+       "--batches=2", "--densities=0.1", *extra, f"--json={out}"],
+      capture_output=True, text=True, timeout=600, env=cli_env(), cwd=REPO)
   assert done.returncode == 0, done.stderr[-3000:]
   rows = json.loads(out.read_text())["rows"]
-  assert [(r["model"], r["batch"]) for r in rows] == [
-      ("t5_quick_random", 2), ("t5_quick_random", 2), ("t5_tiny_trained", 2)]
-  for row, want in zip(rows, [0.05, 0.3]):
-    # The densities the random model was set to, as measured while decoding (the
-    # batch's union: every token has the same units active).
-    assert row["density"] == pytest.approx(want, abs=1 / 512)
-    assert row["token_density"] == pytest.approx(row["density"], abs=1e-6)
+  assert [(r["model"], r["batch"]) for r in rows] == [("t5_quick_random", 2)] + (
+      [("t5_tiny_trained", 2)] if with_tiny else [])
+  # The density the random model was set to, as measured while decoding (the batch's
+  # union: every token has the same units active).
+  assert rows[0]["density"] == pytest.approx(0.1, abs=1 / 512)
+  assert rows[0]["token_density"] == pytest.approx(rows[0]["density"], abs=1e-6)
   for row in rows:
     assert set(t5_decode.ROW_KEYS) <= set(row)
     assert row["same_tokens"], row  # mlp_decode decodes the same tokens.
@@ -50,6 +52,5 @@ def test_quick_run_writes_consistent_rows(tiny_t5_run, tmp_path):  # noqa: F811
              + row["mlp_weight_share"] * (1 + row["density"]) / 2))
     assert row["fraction_of_bound"] == pytest.approx(row["speedup"] / row["bound"])
     assert len(row["dense_ms"]) == len(row["sparse_ms"]) == 2
-  tiny = [r for r in rows if r["model"] == "t5_tiny_trained"]
-  assert all(0 < r["density"] < 1 for r in tiny)
-  assert "speedup" in done.stdout and "t5_tiny_trained" in done.stdout
+    assert 0 < row["density"] < 1
+  assert "speedup" in done.stdout and "t5_quick_random" in done.stdout
