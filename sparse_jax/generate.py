@@ -30,24 +30,6 @@ from etils import epath
 from sparse_jax import cli
 from sparse_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a T5 run (sparse_jax.main "
-                               "with configs/t5_c4.py).")
-_TEXT = flags.DEFINE_string("text", None, "Text with <extra_id_N> sentinels to fill, or "
-                            "plain text with --corrupt.")
-_CORRUPT = flags.DEFINE_bool("corrupt", False, "Span-corrupt --text as training does and "
-                             "show the model's fill next to the truth.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of --corrupt's spans and of sampling.")
-_MLP = flags.DEFINE_enum("mlp", "dense", ["dense", "sparse"], "Decoder MLPs: 'dense' or "
-                         "'sparse' (ops.mlp_decode: only active rows of W2 read).")
-_MAX_DECODE = flags.DEFINE_integer("max_decode_length", None, "Tokens to generate at most "
-                                   "(default: the run's text.targets_length).",
-                                   lower_bound=1)
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.",
-                                  lower_bound=0.0)
-_TOP_K = flags.DEFINE_integer("top_k", 0, "With --temperature: sample among the k "
-                              "likeliest tokens (0 = all).", lower_bound=0)
-_CACHE_DIR = cli.define_compilation_cache_flag("so reruns skip recompiling")
-
 _TRAIN_FIX = ("python -m sparse_jax.main --config=configs/t5_c4.py:tiny "
               "--workdir=/tmp/sparse_jax/t5_tiny")
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
@@ -257,6 +239,8 @@ def generate_text(workdir: str, text: str, *, corrupt: bool = False, seed: int =
     ConfigError: a missing workdir, not a T5 run, no checkpoint, a text without
       sentinels (without `corrupt`) or longer than the run's encoder input.
   """
+  if mlp not in ("dense", "sparse"):
+    raise ValueError(f"mlp={mlp!r}.\nFix: pass mlp='dense' or mlp='sparse'.")
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from sparse_jax import decoding  # pylint: disable=import-outside-toplevel
@@ -289,24 +273,54 @@ def generate_text(workdir: str, text: str, *, corrupt: bool = False, seed: int =
   return "\n".join(lines)
 
 
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags, defined when it runs (not on import: the library functions
+  here are imported next to main's and study's, which define --workdir too)."""
+  return {
+      "workdir": flags.DEFINE_string("workdir", None, "Workdir of a T5 run "
+                                     "(sparse_jax.main with configs/t5_c4.py)."),
+      "text": flags.DEFINE_string("text", None, "Text with <extra_id_N> sentinels to "
+                                  "fill, or plain text with --corrupt."),
+      "corrupt": flags.DEFINE_bool("corrupt", False, "Span-corrupt --text as training "
+                                   "does and show the model's fill next to the truth."),
+      "seed": flags.DEFINE_integer("seed", 0, "Seed of --corrupt's spans and of "
+                                   "sampling."),
+      "mlp": flags.DEFINE_enum("mlp", "dense", ["dense", "sparse"], "Decoder MLPs: "
+                               "'dense' or 'sparse' (ops.mlp_decode: only active rows "
+                               "of W2 read)."),
+      "max_decode_length": flags.DEFINE_integer(
+          "max_decode_length", None, "Tokens to generate at most (default: the run's "
+          "text.targets_length).", lower_bound=1),
+      "temperature": flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.",
+                                        lower_bound=0.0),
+      "top_k": flags.DEFINE_integer("top_k", 0, "With --temperature: sample among the k "
+                                    "likeliest tokens (0 = all).", lower_bound=0),
+      "compilation_cache_dir": cli.define_compilation_cache_flag(
+          "so reruns skip recompiling"),
+  }
+
+
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}.\nFix: pass options as --name=value.")
   logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value:
+  v = {name: holder.value for name, holder in _FLAGS.items()}
+  if not v["workdir"]:
     cli.fail(f"No --workdir given.\nFix: pass the --workdir of a T5 run (e.g. {_TRAIN_FIX}).")
-  if _TEXT.value is None:
+  if v["text"] is None:
     cli.fail("No --text given.\nFix: pass --text='Some <extra_id_0> to fill.', or plain "
              "text with --corrupt.")
-  if _TOP_K.value and not _TEMPERATURE.value:
+  if v["top_k"] and not v["temperature"]:
     cli.fail("--top_k without --temperature: greedy decoding ignores it.\n"
              "Fix: add --temperature=1.0 (or drop --top_k).")
-  cli.use_compilation_cache(_CACHE_DIR.value)
+  cli.use_compilation_cache(v["compilation_cache_dir"])
   try:
-    print(generate_text(_WORKDIR.value, _TEXT.value, corrupt=_CORRUPT.value,
-                        seed=_SEED.value, mlp=_MLP.value,
-                        max_decode_length=_MAX_DECODE.value,
-                        temperature=_TEMPERATURE.value, top_k=_TOP_K.value))
+    print(generate_text(v["workdir"], v["text"], corrupt=v["corrupt"], seed=v["seed"],
+                        mlp=v["mlp"], max_decode_length=v["max_decode_length"],
+                        temperature=v["temperature"], top_k=v["top_k"]))
   except ConfigError as e:
     cli.fail(str(e))
 
@@ -322,6 +336,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run() -> None:
   """The console entry point."""
+  _FLAGS.update(_define_flags())
   app.run(main, flags_parser=_parse_flags)
 
 

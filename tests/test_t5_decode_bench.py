@@ -1,12 +1,11 @@
 """benchmarks/t5_decode.py --quick: its rows and their arithmetic (not the speed)."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO
 from test_generate import tiny_t5_run  # noqa: F401  pylint: disable=unused-import
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -26,15 +25,14 @@ def test_mlp_weight_share_of_t5_base_from_its_shapes():
 
 @pytest.mark.parametrize("with_tiny", [
     False, pytest.param(True, marks=pytest.mark.slow)], ids=["random", "with_tiny"])
-def test_quick_run_writes_consistent_rows(with_tiny, request, tmp_path):
+def test_quick_run_writes_consistent_rows(with_tiny, request, tmp_path, capsys):
   out = tmp_path / "rows.json"
   extra = ([f"--workdir={request.getfixturevalue('tiny_t5_run')}"] if with_tiny
            else ["--skip_tiny"])
-  done = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "t5_decode.py"), "--quick",
-       "--batches=2", "--densities=0.1", *extra, f"--json={out}"],
-      capture_output=True, text=True, timeout=600, env=cli_env(), cwd=REPO)
-  assert done.returncode == 0, done.stderr[-3000:]
+  # In-process (--threads=all leaves this process's cores and XLA flags alone).
+  t5_decode.main(["--quick", "--threads=all", "--batches=2", "--densities=0.1", *extra,
+                  f"--json={out}"])
+  printed = capsys.readouterr().out
   rows = json.loads(out.read_text())["rows"]
   assert [(r["model"], r["batch"]) for r in rows] == [("t5_quick_random", 2)] + (
       [("t5_tiny_trained", 2)] if with_tiny else [])
@@ -53,4 +51,4 @@ def test_quick_run_writes_consistent_rows(with_tiny, request, tmp_path):
     assert row["fraction_of_bound"] == pytest.approx(row["speedup"] / row["bound"])
     assert len(row["dense_ms"]) == len(row["sparse_ms"]) == 2
     assert 0 < row["density"] < 1
-  assert "speedup" in done.stdout and "t5_quick_random" in done.stdout
+  assert "speedup" in printed and "t5_quick_random" in printed
