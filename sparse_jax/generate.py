@@ -90,7 +90,11 @@ def load_run(workdir: str) -> Run:
          f"the config in {root / train.CONFIG_FILE} and --workdir={root}.")
   if not (root / "checkpoints").is_dir():
     raise ConfigError(f"{root} has no checkpoints yet.\n{fix}")
-  exp = train.build_experiment(config)
+  # One device, whatever mesh the run trained on: decoding one sequence at a time does
+  # not split, and orbax restores into these shardings.
+  import jax  # pylint: disable=import-outside-toplevel
+  from sparse_jax import sharding  # pylint: disable=import-outside-toplevel
+  exp = train.build_experiment(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
   checkpointer = checkpoint.Checkpointer(str(root), save_every=config.checkpoint_every,
                                          keep=config.keep_checkpoints)
   try:
