@@ -34,6 +34,10 @@ matrix, per layer the self-attention's q/k/v/o, the cross-attention's q/o (its k
 values of the encoder output are cached, not recomputed), W1 and W2; norm scales and
 bias rows, under 0.1%, are left out). p is the measured union density of the batch.
 
+`--profile` instead times the weight-reading parts of one decoder step alone, at the
+same size, one token: the logits product, the attention projections, the MLPs dense and
+through `mlp_decode` at each density (where a step's time goes).
+
 `--threads one` (default) pins the process to one core and single-threaded XLA:CPU
 dots, as benchmarks/mlp_decode.py does. `--quick`: tiny sizes, 2 repeats (the test).
 """
@@ -91,6 +95,8 @@ def parse_args(argv=None):
                       "run (default: train one for --train_steps steps in a temp dir)")
   parser.add_argument("--train_steps", type=int, default=300)
   parser.add_argument("--skip_tiny", action="store_true", help="no trained tiny row")
+  parser.add_argument("--profile", action="store_true",
+                      help="time the parts of one decoder step instead (see above)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes, 2 repeats: checks the script, not the speed")
   parser.add_argument("--threads", choices=("one", "all"), default="one")
@@ -226,6 +232,53 @@ def random_rows(args) -> list[dict]:
   return rows
 
 
+def profile_parts(args) -> dict:
+  """Milliseconds of each weight-reading part of a decoder step, timed alone (1 token)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from sparse_jax.ops.mlp import mlp  # pylint: disable=import-outside-toplevel
+  from sparse_jax.ops.mlp_decode import mlp_decode  # pylint: disable=import-outside-toplevel
+  sizes = QUICK if args.quick else BASE
+  d, f, inner = sizes["d_model"], sizes["d_ff"], sizes["num_heads"] * sizes["head_dim"]
+  layers, vocab = sizes["num_decoder_layers"], sizes["vocab_size"]
+  rng = np.random.default_rng(args.seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[0])
+  x = rng.standard_normal((1, d)).astype(np.float32)
+  embedding = jnp.asarray(normal(vocab, d))
+  projections = [jnp.asarray(normal(d, inner)) for _ in range(6 * layers)]
+  w1s = [normal(d, f) for _ in range(layers)]
+  w2s = [jnp.asarray(normal(f, d)) for _ in range(layers)]
+
+  def at_density(w1, p):  # Row 0 shifted so that exactly a share p of x's units fire.
+    w1 = w1.copy()
+    z = x[0] @ w1
+    on = np.isin(np.arange(f), rng.choice(f, round(p * f), replace=False))
+    w1[0] += np.where(on, 1.0 - z, -1.0 - z) / x[0, 0]
+    return jnp.asarray(w1)
+
+  def median_ms(fn, *fn_args):
+    jax.block_until_ready(fn(*fn_args))
+    return 1e3 * statistics.median(_time(fn, *fn_args) for _ in range(args.repeats * 6))
+
+  act = "jsrelu"
+  parts = {
+      "logits": median_ms(jax.jit(lambda x, e: x @ e.T), x, embedding),
+      "attention_projections": median_ms(
+          jax.jit(lambda x, ws: sum(x @ w for w in ws)), x, projections),
+      "mlps_dense": median_ms(jax.jit(lambda x, w1s, w2s: sum(
+          mlp(x, a, None, b, None, activation=act) for a, b in zip(w1s, w2s))),
+                              x, [jnp.asarray(w) for w in w1s], w2s),
+  }
+  sparse = jax.jit(lambda x, w1s, w2s: sum(
+      mlp_decode(x, a, None, b, None, activation=act) for a, b in zip(w1s, w2s)))
+  for p in args.densities:
+    parts[f"mlps_mlp_decode_p{p:g}"] = median_ms(
+        sparse, x, [at_density(w, p) for w in w1s], w2s)
+  for name, ms in parts.items():
+    print(f"{name:<28} {ms:8.2f} ms", flush=True)
+  return parts
+
+
 def _train_tiny(steps: int, directory: str) -> str:
   workdir = os.path.join(directory, "t5_tiny")
   env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -288,6 +341,12 @@ def main(argv=None) -> None:
         f"on {jax.devices()[0].device_kind}, cores {sorted(os.sched_getaffinity(0))}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average "
         f"{os.getloadavg()[0]:.2f}", flush=True)
+  if args.profile:
+    parts = profile_parts(args)
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as f:
+        json.dump({"profile_ms": parts, "load_average": os.getloadavg()}, f, indent=2)
+    return
   rows = random_rows(args)
   if not args.skip_tiny:
     with tempfile.TemporaryDirectory() as tmp:

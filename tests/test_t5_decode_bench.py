@@ -52,3 +52,13 @@ def test_quick_run_writes_consistent_rows(with_tiny, request, tmp_path, capsys):
     assert len(row["dense_ms"]) == len(row["sparse_ms"]) == 2
     assert 0 < row["density"] < 1
   assert "speedup" in printed and "t5_quick_random" in printed
+
+
+def test_profile_times_each_part_of_a_step(tmp_path):
+  out = tmp_path / "profile.json"
+  t5_decode.main(["--quick", "--profile", "--threads=all", "--densities=0.1",
+                  f"--json={out}"])
+  parts = json.loads(out.read_text())["profile_ms"]
+  assert set(parts) == {"logits", "attention_projections", "mlps_dense",
+                        "mlps_mlp_decode_p0.1"}
+  assert all(ms > 0 for ms in parts.values())
