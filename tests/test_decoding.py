@@ -17,6 +17,9 @@ BASE = dict(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=128,
 VARIANTS = {
     "vanilla": T5Config(**BASE),
     "sparsified": T5Config(**BASE, activation="jsrelu", zeroth_bias_position="mlp_input"),
+    # The official code's zeroth bias position (configs/t5_c4.py's), on the MLP output.
+    "sparsified_output": T5Config(**BASE, activation="jsrelu",
+                                  zeroth_bias_position="mlp_output"),
 }
 
 
@@ -29,6 +32,7 @@ def _model(variant: str):
   (J-SquaredReLU, active at z >= 0): the MLP input's first feature carries a per-unit
   offset of -4 through W1's first row, set by a zeroth bias whose rows differ per
   position, so a decode step that read another position's row would differ.
+  Sparsified with the zeroth bias on the output: random rows, MLPs left dense.
   """
   model = T5(VARIANTS[variant])
   enc = jax.random.randint(jax.random.key(1), (2, 10), 1, 64).at[1, 7:].set(0)
@@ -41,7 +45,11 @@ def _model(variant: str):
     mlp = params["decoder"][f"layer_{i}"]["mlp"]
     w1 = mlp["wi"]["kernel"]
     offset = np.where(rng.random(w1.shape[1]) < 0.1, 0.5, -4.0)
-    if VARIANTS[variant].zeroth_bias_position:
+    if VARIANTS[variant].zeroth_bias_position == "mlp_output":
+      for stack in ("encoder", "decoder"):
+        params[stack][f"layer_{i}"]["mlp"]["zeroth_bias"] = rng.normal(
+            0.0, 0.5, (BASE["max_len"], BASE["d_model"])).astype(np.float32)
+    elif VARIANTS[variant].zeroth_bias_position:
       # Feature 0 = 20 + noise per position; W1 row 0 = offset / 20.
       bias = np.zeros((BASE["max_len"], BASE["d_model"]), np.float32)
       for stack in ("encoder", "decoder"):
@@ -84,8 +92,9 @@ def _cached_logits(model, params, enc, dec, length, sparse):
   return jnp.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense_mlp", "mlp_decode"])
+@pytest.mark.parametrize("variant, sparse", [
+    ("vanilla", False), ("vanilla", True), ("sparsified", False), ("sparsified", True),
+    ("sparsified_output", False)])
 def test_cached_decoding_equals_teacher_forcing(variant, sparse):
   model, params, enc, dec = _model(variant)
   forced = jax.jit(functools.partial(model.apply, train=False))({"params": params},
