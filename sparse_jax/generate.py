@@ -68,10 +68,10 @@ def _run_config(workdir: str):
                       f"Fix: pass the --workdir of a T5 run (e.g. {_TRAIN_FIX}).")
   # Keys the schema gained after the run started keep their defaults.
   config = config_schema.defaults_for(ml_collections.ConfigDict(saved))
+  known = config_schema.flatten(json.loads(train.config_json(config)))
   config.update_from_flattened_dict(
       {k: tuple(v) if isinstance(v, list) else v
-       for k, v in config_schema.flatten(saved).items()
-       if k in config_schema.flatten(json.loads(train.config_json(config)))})
+       for k, v in config_schema.flatten(saved).items() if k in known})
   return root, config
 
 
