@@ -336,8 +336,10 @@ def main(argv=None) -> None:
     if hasattr(os, "sched_setaffinity"):
       os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   import jax  # pylint: disable=import-outside-toplevel
-  print(f"T5 greedy decoding, {args.new_tokens} new tokens after {args.input_length} "
-        f"encoder tokens, {args.stat} of {args.repeats} interleaved runs; jax {jax.__version__} "
+  what = ("parts of one T5 decoder step, 1 token, each timed alone" if args.profile else
+          f"T5 greedy decoding, {args.new_tokens} new tokens after {args.input_length} "
+          f"encoder tokens, {args.stat} of {args.repeats} interleaved runs")
+  print(f"{what}; jax {jax.__version__} "
         f"on {jax.devices()[0].device_kind}, cores {sorted(os.sched_getaffinity(0))}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average "
         f"{os.getloadavg()[0]:.2f}", flush=True)
