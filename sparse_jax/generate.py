@@ -321,6 +321,7 @@ def main(argv) -> None:
     cli.fail("--top_k without --temperature: greedy decoding ignores it.\n"
              "Fix: add --temperature=1.0 (or drop --top_k).")
   cli.use_compilation_cache(v["compilation_cache_dir"])
+  cli.import_tensorflow_quietly()  # The vocabulary's file reads import TensorFlow.
   try:
     print(generate_text(v["workdir"], v["text"], corrupt=v["corrupt"], seed=v["seed"],
                         mlp=v["mlp"], max_decode_length=v["max_decode_length"],
