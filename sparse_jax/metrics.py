@@ -25,19 +25,41 @@ def _natural_key(path: tuple[str, ...]) -> list:
           for part in path for t in re.split(r"(\d+)", part) if t]
 
 
+# A zero scalar that `sparsify` sows (and adds as a probe) in each block it rewrites. A
+# lifted transform that stacks the blocks (nn.scan over layers) stacks it too, to
+# [layers]; its shape tells mlp_blocks to read such a block as that many layers.
+STACK_MARKER = "stack_marker"
+
+
 def mlp_blocks(tree: Mapping[str, Any], leaf_names: tuple[str, ...]
                ) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
   """[(module path, {leaf: value})] for every module holding all of `leaf_names`.
 
-  Sown values are tuples (one entry per call); the last call's value is used.
+  Sown values are tuples (one entry per call); the last call's value is used. A block
+  stacked by nn.scan (its STACK_MARKER has shape [layers], or [n, m] for nested scans)
+  becomes one entry per layer, path + ('0',), path + ('1',), ...
   """
   flat = traverse_util.flatten_dict(dict(tree))
   modules: dict[tuple[str, ...], dict[str, Any]] = {}
   for path, value in flat.items():
-    if path[-1] in leaf_names:
+    if path[-1] in leaf_names or path[-1] == STACK_MARKER:
       modules.setdefault(path[:-1], {})[path[-1]] = (
           value[-1] if isinstance(value, tuple) else value)
-  found = [(p, m) for p, m in modules.items() if all(n in m for n in leaf_names)]
+  found = []
+  for path, m in modules.items():
+    marker = m.pop(STACK_MARKER, None)
+    if not all(n in m for n in leaf_names):
+      continue
+    stacked = () if marker is None else tuple(marker.shape)
+    if not stacked:
+      found.append((path, m))
+      continue
+    layers = 1
+    for size in stacked:
+      layers *= size
+    per_layer = {k: v.reshape((layers,) + v.shape[len(stacked):]) for k, v in m.items()}
+    found += [(path + (str(i),), {k: v[i] for k, v in per_layer.items()})
+              for i in range(layers)]
   return sorted(found, key=lambda item: _natural_key(item[0]))
 
 

@@ -11,6 +11,7 @@ from flax import traverse_util
 
 import sparse_jax
 from sparse_jax import metrics
+from sparse_jax.metrics import STACK_MARKER
 from sparse_jax.transforms import projections
 from sparse_jax.transforms.sparsify_params import DEFAULT_NORM_PATTERN, ZEROTH_BIAS_PATTERN
 
@@ -328,7 +329,7 @@ def test_match_by_type_pattern_or_predicate(match):
                                match=match)
   shapes = jax.eval_shape(sparse.init, jax.random.key(0), x)
   assert shapes["params"]["ffn"]["zeroth_bias"].shape == (3, 4)
-  assert set(shapes["perturbations"]["ffn"]) == {"z", "y"}
+  assert set(shapes["perturbations"]["ffn"]) == {"z", "y", STACK_MARKER}
   assert sparse_jax.find_mlp_blocks(sparse, x) == (("ffn",),)
   assert projections.resolve(shapes["params"], sparse_jax.ProjectionRule(
       zeroth_bias_path=ZEROTH_BIAS_PATTERN, norm_scale_path=DEFAULT_NORM_PATTERN))[0] == [
@@ -354,7 +355,7 @@ def test_fresh_init_and_uplift_with_frozen_norm_bias():
   for path, value in _flat(original).items():
     np.testing.assert_array_equal(_flat(params)[path], value)
   np.testing.assert_array_equal(params["ffn"]["zeroth_bias"], 0.0)
-  assert set(inter["ffn"]) == {"z", "a", "x", "derivative", "w1", "w2"}
+  assert set(inter["ffn"]) == {"z", "a", "x", "derivative", "w1", "w2", STACK_MARKER}
   np.testing.assert_array_equal(inter["ffn"]["w1"][0],
                                 _flat(params)[("ffn", "wi", "kernel")])
   # Finetuning: |gamma| >= min(step / 4, 1), that norm's bias frozen, the rest trained.

@@ -14,6 +14,7 @@ from flax import traverse_util
 
 import sparse_jax
 from sparse_jax import metrics
+from sparse_jax.metrics import STACK_MARKER
 
 VOCAB, D, FF, LEN, BATCH = 13, 8, 16, 6, 8
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -155,7 +156,7 @@ def test_relu_on_a_relu_glu_gives_the_same_outputs(name):
   assert not np.allclose(out["jsrelu"], out["original"], atol=1e-3)
   # Sown: z and a of the gate and its kernel as W1; not the plain-MLP theory inputs.
   inter = out["intermediates"]["layer_0"]["mlp"]
-  assert set(inter) == {"z", "a", "w1"}
+  assert set(inter) == {"z", "a", "w1", STACK_MARKER}
   gate = {"swiglu": "gate_proj", "up_first": "gate_proj", "t5x": "wi_0"}[name]
   np.testing.assert_array_equal(inter["w1"][0], pretrained["layer_0"]["mlp"][gate]["kernel"])
   np.testing.assert_array_equal(inter["a"][0], np.maximum(inter["z"][0], 0.0))
@@ -170,8 +171,9 @@ def test_glu_trains_with_the_projections_holding():
                                        model.init(jax.random.key(0), tokens)["params"])
   probes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["perturbations"])
   assert {p: v.shape for p, v in _flat(probes).items()} == {
-      (f"layer_{i}", "mlp", k): (BATCH, LEN, FF if k == "z" else D) for i in range(2)
-      for k in ("z", "y")}
+      (f"layer_{i}", "mlp", k): {"z": (BATCH, LEN, FF), "y": (BATCH, LEN, D),
+                                 STACK_MARKER: ()}[k]
+      for i in range(2) for k in ("z", "y", STACK_MARKER)}
   tx = sparse_jax.optax_projections(optax.adam(3e-2), zeroth_bias_clipping=clip)
 
   def loss_fn(params, probes, key):

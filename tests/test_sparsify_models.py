@@ -17,6 +17,7 @@ from flax import traverse_util
 
 import sparse_jax
 from conftest import REPO
+from sparse_jax import metrics
 from sparse_jax.transforms.sparsify_params import param_shapes
 
 VOCAB, D, HEADS, FF, LEN, BATCH = 11, 8, 2, 16, 5, 2
@@ -260,6 +261,28 @@ def test_scan_that_carries_the_collections_and_rng_works():
   clean, noisy, inter = run(params)
   assert inter["encoderblock"]["MlpBlock_0"]["z"][0].shape == (3, BATCH, LEN, FF)
   assert not np.allclose(clean, noisy, atol=1e-4)  # The noise reaches the blocks.
+
+  # The metrics read the stack as its 3 layers, each from its own slice.
+  a = inter["encoderblock"]["MlpBlock_0"]["a"][0]
+  density = metrics.activation_metrics(inter)
+  assert sorted(k for k in density if k.startswith("activation_density/layer_")) == [
+      f"activation_density/layer_{i}" for i in range(3)]
+  for i in range(3):
+    np.testing.assert_allclose(density[f"activation_density/layer_{i}"],
+                               np.mean(np.abs(a[i]) > metrics.ACTIVE_THRESHOLD))
+  probes = jax.tree.map(jnp.zeros_like, shapes["perturbations"])
+  grads = jax.grad(lambda q: sparse.apply({"params": params, "perturbations": q},
+                                          x).sum())(probes)
+  eta = grads["encoderblock"]["MlpBlock_0"]["z"]
+  gradient = metrics.gradient_metrics(grads)
+  for i in range(3):
+    np.testing.assert_allclose(gradient[f"gradient_sparsity_1e-06/layer_{i}"],
+                               np.mean(np.abs(eta[i]) < 1e-6))
+  w1 = inter["encoderblock"]["MlpBlock_0"]["w1"][0]  # [layers, D, FF]
+  spectra = metrics.spectral_metrics(inter)
+  for i in range(3):
+    np.testing.assert_allclose(spectra[f"w1_frobenius_sq/layer_{i}"],
+                               np.sum(np.square(w1[i])), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------- boxed params

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sparse_jax.metrics import STACK_MARKER
 from sparse_jax.nn.dense import WEIGHT_NOISE_RNG
 from sparse_jax.ops import weight_noise as noise_ops
 from sparse_jax.ops.activations import activation_derivative, apply_activation
@@ -205,6 +206,9 @@ class BlockInterceptor:
     block, gate = frame.block, self._gate_index(frame)
     z = block.perturb("z", frame.projections[gate].outputs)
     a = apply_activation(self.config.activation, z, self.mixing)
+    # Under nn.scan these become [layers]: the metrics then read the stack per layer.
+    block.perturb(STACK_MARKER, jnp.zeros((), jnp.float32))
+    block.sow("intermediates", STACK_MARKER, jnp.zeros((), jnp.float32))
     block.sow("intermediates", "z", z)
     block.sow("intermediates", "a", a)
     block.sow("intermediates", "w1", frame.kernels[gate])
