@@ -285,6 +285,25 @@ def test_scan_that_carries_the_collections_and_rng_works():
                                np.sum(np.square(w1[i])), rtol=1e-5)
 
 
+def test_observe_false_runs_in_a_scan_that_carries_only_params():
+  """Without the metrics' hooks the method runs in big_vision's own scan, unchanged."""
+  x = np.random.default_rng(1).normal(size=(BATCH, LEN, D)).astype(np.float32)
+  quiet = sparse_jax.sparsify(ScannedEncoder(), match=ViTMlp, observe=False)
+  shapes = jax.eval_shape(quiet.init, jax.random.key(0), x)
+  assert set(shapes) == {"params"}  # No probes, nothing sown.
+  assert shapes["params"]["encoderblock"]["MlpBlock_0"]["zeroth_bias"].shape == (3, LEN, D)
+  params = _random_params(shapes["params"])
+  observed = sparse_jax.sparsify(CARRYING, match=ViTMlp)
+  out, state = quiet.apply({"params": params}, x, mutable=["intermediates"])
+  assert not state  # Nothing sown even when asked.
+  np.testing.assert_allclose(out, observed.apply({"params": params}, x), rtol=1e-5,
+                             atol=1e-5)
+  noisy = sparse_jax.sparsify(ScannedEncoder(), match=ViTMlp, observe=False,
+                              weight_noise=0.1)
+  with pytest.raises(ValueError, match="cannot see the 'weight_noise' rng"):
+    noisy.apply({"params": params}, x, rngs={"weight_noise": jax.random.key(1)})
+
+
 # ---------------------------------------------------------------------- boxed params
 class BoxedModel(nn.Module):
   """Params boxed as in lm1b / wmt: nn.with_logical_partitioning (or nn.Partitioned)."""
@@ -408,7 +427,8 @@ def test_the_defaults_are_the_papers_recipe_and_documented():
   defaults = {k: p.default for k, p in inspect.signature(sparse_jax.sparsify).parameters.items()
               if p.default is not inspect.Parameter.empty}
   assert defaults == {"activation": "jsrelu", "zeroth_bias": "mlp_output", "max_len": None,
-                      "weight_noise": 0.0, "match": None, "gate": "(?i)gate"}
+                      "weight_noise": 0.0, "match": None, "gate": "(?i)gate",
+                      "observe": True}
   sparse = sparse_jax.sparsify(TrainFlagModel())
   # One zeroth bias per block, as long as the input at init, added to the output.
   params = sparse_jax.merge_pretrained(sparse, TrainFlagModel().init(

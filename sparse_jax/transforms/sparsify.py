@@ -57,6 +57,7 @@ class Sparsified(nn.Module):
   weight_noise: tuple[float, float] = (0.0, 0.0)
   match: MlpRule = MlpRule()
   gate: str | None = DEFAULT_GATE_PATTERN
+  observe: bool = True
 
   def setup(self):
     nn.share_scope(self, self.module)
@@ -70,7 +71,8 @@ class Sparsified(nn.Module):
 
   def call_method(self, method: str, *args, mixing: jax.Array | float = 1.0, **kwargs):
     """Runs the wrapped model's `method` with its MLP blocks sparsified."""
-    interceptor = BlockInterceptor(self, RootState.of(self, self.weight_noise), mixing)
+    interceptor = BlockInterceptor(
+        self, RootState.of(self, self.weight_noise, self.observe), mixing)
     with nn.intercept_methods(interceptor):
       out = getattr(self.module, method)(*args, **kwargs)
     if not interceptor.matched:
@@ -91,7 +93,8 @@ def sparsify(module: nn.Module, *, activation: ActivationName = "jsrelu",
              zeroth_bias: ZerothBiasPosition | None = "mlp_output",
              max_len: int | None = None,
              weight_noise: float | tuple[float, float] = 0.0,
-             match: Match = None, gate: str | None = DEFAULT_GATE_PATTERN) -> Sparsified:
+             match: Match = None, gate: str | None = DEFAULT_GATE_PATTERN,
+             observe: bool = True) -> Sparsified:
   """Returns `module` with its MLP blocks sparsified, as a Linen module.
 
   The defaults are the papers' sparsified recipe on the model's own MLPs:
@@ -120,6 +123,12 @@ def sparsify(module: nn.Module, *, activation: ActivationName = "jsrelu",
     gate: regex on the Dense names of a gated block's two input projections that marks
       the gate (default 'gate', case-insensitive: gate_proj); when neither or both
       match, the first one called is the gate (t5x's wi_0, w1 in LLaMA-style code).
+    observe: True (default): the hooks the metrics read (sown z, a, ...; zero probes
+      on z and the block output in 'perturbations'). False leaves them out: the method
+      itself (activation, zeroth bias, weight noise) runs unchanged, nothing is sown
+      or probed, and the blocks run inside lifted transforms that carry only 'params'
+      (and 'dropout'), such as big_vision's nn.scan over layers; the metrics then have
+      nothing to read.
   """
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation={activation!r} is not one of the method's.\nFix: pass "
@@ -136,4 +145,4 @@ def sparsify(module: nn.Module, *, activation: ActivationName = "jsrelu",
     raise ValueError(f"weight_noise={weight_noise!r} is not a noise level.\nFix: pass "
                      "rho >= 0, or a pair (input projections, output projection).")
   return Sparsified(module, activation, zeroth_bias, max_len,
-                    (float(rhos[0]), float(rhos[1])), mlp_rule(match), gate)
+                    (float(rhos[0]), float(rhos[1])), mlp_rule(match), gate, observe)

@@ -107,11 +107,13 @@ class RootState:
   weight_noise: bool  # The 'weight_noise' rng given and some rho > 0.
 
   @classmethod
-  def of(cls, root: nn.Module, rhos: tuple[float, float]) -> "RootState":
+  def of(cls, root: nn.Module, rhos: tuple[float, float], observe: bool = True
+         ) -> "RootState":
+    """What `root`'s caller asked for; without `observe`, nothing is sown or probed."""
     probes = traverse_util.flatten_dict(dict(root.variables.get("perturbations", {})))
-    return cls(root.is_mutable_collection("intermediates"),
-               root.is_mutable_collection("perturbations"),
-               frozenset(p[:-1] for p in probes),
+    return cls(observe and root.is_mutable_collection("intermediates"),
+               observe and root.is_mutable_collection("perturbations"),
+               frozenset(p[:-1] for p in probes) if observe else frozenset(),
                any(r > 0 for r in rhos) and root.has_rng(WEIGHT_NOISE_RNG))
 
 
@@ -119,7 +121,7 @@ class BlockInterceptor:
   """Rewrites the matched MLP blocks of one call; trace-time Python state only.
 
   `config` has the fields of `Sparsified`: activation, zeroth_bias, max_len,
-  weight_noise, match, gate.
+  weight_noise, match, gate, observe.
   """
 
   def __init__(self, config: Any, root: RootState, mixing: jax.Array | float):
@@ -204,22 +206,25 @@ class BlockInterceptor:
       return
     frame.decided = True
     block, gate = frame.block, self._gate_index(frame)
-    z = block.perturb("z", frame.projections[gate].outputs)
+    observe = self.config.observe
+    z = frame.projections[gate].outputs
+    if observe:
+      z = block.perturb("z", z)
     a = apply_activation(self.config.activation, z, self.mixing)
+    frame.hidden = a * frame.projections[1 - gate].outputs if frame.glu else a
+    if not observe:
+      return
     # Under nn.scan these become [layers]: the metrics then read the stack per layer.
     block.perturb(STACK_MARKER, jnp.zeros((), jnp.float32))
     block.sow("intermediates", STACK_MARKER, jnp.zeros((), jnp.float32))
     block.sow("intermediates", "z", z)
     block.sow("intermediates", "a", a)
     block.sow("intermediates", "w1", frame.kernels[gate])
-    if frame.glu:
-      frame.hidden = a * frame.projections[1 - gate].outputs
-    else:
+    if not frame.glu:
       # What SparseMlp sows for the theory metrics: input, f'(z) (and W2 below).
       block.sow("intermediates", "x", frame.projections[0].inputs)
       block.sow("intermediates", "derivative",
                 activation_derivative(self.config.activation, z, self.mixing))
-      frame.hidden = a
 
   def _down(self, frame: _Frame, dense: nn.Module, next_fun, args, kwargs):
     block, x = frame.block, _first_input(args, kwargs)
@@ -232,6 +237,8 @@ class BlockInterceptor:
     args, kwargs = _with_input(args, kwargs, frame.hidden)
     y = self._noise(next_fun(*args, **kwargs), frame.hidden, dense, block, 1)
     frame.down = True
+    if not self.config.observe:
+      return y
     if not frame.glu:
       block.sow("intermediates", "w2", _kernel(dense))
     return block.perturb("y", y)
@@ -256,9 +263,11 @@ class BlockInterceptor:
         f"MLP block {_name(block)} cannot see the {' and the '.join(hidden)} of this "
         "call (at init: where its probes are created): a lifted transform around it "
         "(nn.scan, nn.vmap, ...) does not carry them, so its sown z/a, its probes or its "
-        "weight noise would be silently dropped.\nFix: let the transform carry them, e.g. nn.scan(block, "
-        "variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0}, "
-        "split_rngs={'params': True, 'dropout': True, 'weight_noise': True}, ...).")
+        "weight noise would be silently dropped.\nFix: let the transform carry them, "
+        "e.g. nn.scan(block, variable_axes={'params': 0, 'intermediates': 0, "
+        "'perturbations': 0}, split_rngs={'params': True, 'dropout': True, "
+        "'weight_noise': True}, ...); or, to train without the metrics' hooks, "
+        "sparsify(..., observe=False).")
 
   def _zeroth_bias(self, block: nn.Module, x: jax.Array) -> jax.Array:
     max_len = self.config.max_len
