@@ -271,8 +271,20 @@ def parameter_metrics(params: Mapping[str, Any],
     found = {name: [p for p in flat if p[-len(suffix):] == suffix] for name, suffix in
              (("zeroth_bias_abs", zeroth_bias_path), ("norm_scale_abs", norm_scale_path))}
 
+  # A zeroth bias table is [rows, d] and a norm scale [d]: leading axes beyond those
+  # are the layers of an nn.scan stack, read as one entry per layer.
+  table_ndim = {"zeroth_bias_abs": 2, "norm_scale_abs": 1}
+
   def per_layer(name):
-    blocks = [(p, flat[p]) for p in sorted(found[name], key=_natural_key)]
+    blocks = []
+    for p in sorted(found[name], key=_natural_key):
+      v = flat[p]
+      stacked = v.shape[:v.ndim - table_ndim[name]]
+      if not stacked:
+        blocks.append((p, v))
+        continue
+      v = v.reshape((-1,) + v.shape[len(stacked):])
+      blocks += [(p + (str(i),), v[i]) for i in range(v.shape[0])]
     return _per_layer(name, blocks, lambda v, _: jnp.mean(jnp.abs(v)), masks)
 
   return {**per_layer("zeroth_bias_abs"), **per_layer("norm_scale_abs")}

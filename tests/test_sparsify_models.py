@@ -278,6 +278,12 @@ def test_scan_that_carries_the_collections_and_rng_works():
   for i in range(3):
     np.testing.assert_allclose(gradient[f"gradient_sparsity_1e-06/layer_{i}"],
                                np.mean(np.abs(eta[i]) < 1e-6))
+  tables = params["encoderblock"]["MlpBlock_0"]["zeroth_bias"]  # [layers, LEN, D]
+  table_abs = metrics.parameter_metrics(params, zeroth_bias_path=r"(^|/)zeroth_bias$",
+                                        norm_scale_path=r"(?i)norm")
+  for i in range(3):
+    np.testing.assert_allclose(table_abs[f"zeroth_bias_abs/layer_{i}"],
+                               np.mean(np.abs(tables[i])), rtol=1e-6)
   w1 = inter["encoderblock"]["MlpBlock_0"]["w1"][0]  # [layers, D, FF]
   spectra = metrics.spectral_metrics(inter)
   for i in range(3):
