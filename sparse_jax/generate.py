@@ -143,54 +143,51 @@ def encode_with_sentinels(vocab, text: str) -> list[int]:
   return ids + [tokenizer.EOS_ID]
 
 
-def fills(vocab, ids) -> dict[int, list[int]]:
-  """Sentinel id -> the tokens after it in a decoder output (up to the next one)."""
-  out, current = {}, None
-  for i in ids:
-    i = int(i)
-    if i == 1 or i == 0:  # EOS / padding.
+def _segments(vocab, ids) -> list[tuple[list[int], int | None]]:
+  """`ids` up to EOS (or padding) as [(piece ids, the sentinel after them or None)]."""
+  out, run = [], []
+  for i in map(int, ids):
+    if i in (0, 1):  # Padding / EOS.
       break
     if i >= vocab.num_pieces:
-      current = i
-      out[current] = []
-    elif current is not None:
-      out[current].append(i)
-  return out
+      out.append((run, i))
+      run = []
+    else:
+      run.append(i)
+  return out + [(run, None)]
+
+
+def fills(vocab, ids) -> dict[int, list[int]]:
+  """Sentinel id -> the tokens after it in a decoder output (up to the next one)."""
+  segments = _segments(vocab, ids)
+  return {sentinel: segments[k + 1][0] for k, (_, sentinel) in enumerate(segments)
+          if sentinel is not None}
+
+
+def _joined(parts: list[str]) -> str:
+  return " ".join(p.strip() for p in parts if p.strip())
 
 
 def show(vocab, ids) -> str:
   """`ids` as text, sentinels as <extra_id_N> set off by spaces, up to EOS."""
-  parts, run = [], []
-  for i in ids:
-    i = int(i)
-    if i in (0, 1):
-      break
-    if i >= vocab.num_pieces:
-      parts += [vocab.decode(run), vocab.decode([i])]
-      run = []
-    else:
-      run.append(i)
-  parts.append(vocab.decode(run))
-  return " ".join(p.strip() for p in parts if p.strip())
+  parts = []
+  for run, sentinel in _segments(vocab, ids):
+    parts.append(vocab.decode(run))
+    if sentinel is not None:
+      parts.append(vocab.decode([sentinel]))
+  return _joined(parts)
 
 
 def filled_text(vocab, inputs, output) -> str:
   """The input with each sentinel replaced by the model's fill in [brackets]."""
   found = fills(vocab, output)
-  parts, run = [], []
-  for i in inputs:
-    i = int(i)
-    if i in (0, 1):
-      break
-    if i >= vocab.num_pieces:
-      parts.append(vocab.decode(run))
-      run = []
-      fill = found.get(i)
+  parts = []
+  for run, sentinel in _segments(vocab, inputs):
+    parts.append(vocab.decode(run))
+    if sentinel is not None:
+      fill = found.get(sentinel)
       parts.append("[" + ("?" if fill is None else vocab.decode(fill)) + "]")
-    else:
-      run.append(i)
-  parts.append(vocab.decode(run))
-  return " ".join(p.strip() for p in parts if p.strip())
+  return _joined(parts)
 
 
 def _inputs(run: Run, vocab, text: str, corrupt: bool, seed: int
