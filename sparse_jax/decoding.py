@@ -22,11 +22,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sparse_jax.metrics import ACTIVE_THRESHOLD  # |a| above it counts as active.
 from sparse_jax.models.t5 import T5
 
 START_ID = 0  # T5's decoder start token (= padding).
 EOS_ID = 1
-ACTIVE_THRESHOLD = 1e-6  # |a| above this counts as active, as in `sparse_jax.metrics`.
 
 
 @dataclasses.dataclass(frozen=True)
