@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_CONFIG, REPO, cli_env, run_cli
+from conftest import DEFAULT_CONFIG, REPO, assert_clean_error, cli_env, run_cli, snapshot
 
 # The criterion: 2 variants x 2 seeds of configs/default.py at 100 steps.
 STUDY = ["--variants=sparsified,vanilla", "--seeds=0,1", "--config.num_steps=100",
@@ -162,6 +162,12 @@ def test_config_naming_a_variant_and_another_study_are_refused(tmp_path):
   assert "describes a different study (variants: ['sparsified'] there" in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("Fix: use a new --workdir")
   assert _snapshot(study_dir) == before
+
+  (study_dir / "study.json").write_text('{"config": ')  # Damaged: named, left alone.
+  before = snapshot(study_dir)
+  proc = _study(f"--config={DEFAULT_CONFIG}", f"--workdir={study_dir}")
+  assert_clean_error(proc, "study.json is damaged: it is not valid JSON")
+  assert snapshot(study_dir) == before
 
 
 def test_print_commands_with_a_grid(tmp_path):
