@@ -313,16 +313,6 @@ class MissingRunError(RuntimeError):
   """A workdir without a finished checkpoint: the message says how to make one."""
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def _load_config_file(spec: str):
   """get_config(arg) of 'configs/x.py:arg' (relative to the repository root)."""
   path, _, arg = spec.partition(":")
@@ -346,20 +336,17 @@ def training_command(workdir: str) -> str:
       return KNOWN_COMMANDS[workdir]
     return (f"python -m sparse_jax.main --config configs/default.py[:vanilla] "
             f"--workdir {workdir}  (or another config, see README.md)")
-  with open(saved_path, encoding="utf-8") as f:
-    saved = _flatten(json.load(f))
   from sparse_jax import config_schema  # pylint: disable=g-import-not-at-top
+  with open(saved_path, encoding="utf-8") as f:
+    saved_json = json.load(f)
+  saved = config_schema.flatten(saved_json)
   best = None
   for spec in CANDIDATE_CONFIGS:
     try:
       config = _load_config_file(spec)
     except Exception:  # pylint: disable=broad-except
       continue  # A candidate that does not load here cannot be the one.
-    new = _flatten(config.to_dict())
-    defaults = _flatten(config_schema.defaults_for(config).to_dict())
-    # Keys the schema gained after that run are fine at their defaults (as the trainer).
-    diff = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k)
-                  and not (k not in saved and new.get(k) == defaults.get(k)))
+    diff = config_schema.changed_keys(saved_json, config)
     if best is None or len(diff) < len(best[1]):
       best = (spec, diff)
   if best is None or len(best[1]) > 10:

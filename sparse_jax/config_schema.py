@@ -5,6 +5,7 @@ variant with `apply_variant`. The returned ConfigDict is locked, so a misspelled
 the command line (`--config.nonexistent_key=1`) is rejected instead of ignored.
 """
 import dataclasses
+import json
 import math
 import re
 from typing import Any, Callable
@@ -178,6 +179,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     else:
       out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
   return out
+
+
+def changed_keys(saved: dict, c: ml_collections.ConfigDict) -> list[str]:
+  """Flattened keys where a saved config (a run's config.json) and `c` differ; keys the
+  schema gained after that run was saved are fine at their defaults."""
+  old = flatten(saved)
+  new = flatten(_json_like(c))
+  defaults = flatten(_json_like(defaults_for(c)))
+  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not (
+      k not in old and k in defaults and new.get(k) == defaults[k]))
+
+
+def _json_like(c: ml_collections.ConfigDict) -> dict:
+  """`c` as its config.json holds it (a JSON round trip: tuples become lists)."""
+  return json.loads(json.dumps(c.to_dict(), default=list))
 
 
 def defaults_for(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -373,13 +373,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   saved = path / CONFIG_FILE
   old = read_json(saved)
   if old is not None:
+    diff = config_schema.changed_keys(old, config)
     old = config_schema.flatten(old)
     new = config_schema.flatten(json.loads(config_json(config)))
-    # Keys added to the schema after that run started are fine at their defaults.
-    defaults = config_schema.flatten(
-        json.loads(config_json(config_schema.defaults_for(config))))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not (
-        k not in old and k in defaults and new.get(k) == defaults[k]))
     if diff:
       shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
       raise ConfigError(
