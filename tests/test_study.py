@@ -117,13 +117,6 @@ def test_study_killed_rerun_report_and_printed_commands(tmp_path, data_dir, cach
   assert "already finished at step 100" in main.stderr
 
 
-def _snapshot(path):
-  if not os.path.exists(path):
-    return None
-  return {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
-          for r, _, files in os.walk(path) for f in files}
-
-
 @pytest.mark.parametrize("extra, phrases", [
     (["--variants=sparsified,bogus"], ["Unknown variant 'bogus' in --variants"]),
     (["--seeds="], ["--seeds is empty"]),
@@ -155,13 +148,13 @@ def test_config_naming_a_variant_and_another_study_are_refused(tmp_path):
   (study_dir / "study.json").write_text(json.dumps({
       "config": DEFAULT_CONFIG, "config_path": DEFAULT_CONFIG, "config_args": "",
       "variants": ["sparsified"], "seeds": [0], "grid": {}, "overrides": []}))
-  before = _snapshot(study_dir)
+  before = snapshot(study_dir)
   proc = _study(f"--config={DEFAULT_CONFIG}", f"--workdir={study_dir}",
                 "--variants=sparsified,vanilla")
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "describes a different study (variants: ['sparsified'] there" in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("Fix: use a new --workdir")
-  assert _snapshot(study_dir) == before
+  assert snapshot(study_dir) == before
 
   (study_dir / "study.json").write_text('{"config": ')  # Damaged: named, left alone.
   before = snapshot(study_dir)
@@ -225,7 +218,7 @@ def _fake_run(root, point, variant, seed, d_ff, density, ce):
 
 
 def test_report_on_t5_runs_with_a_grid(tmp_path):
-  from sparse_jax import report, stats  # pylint: disable=import-outside-toplevel
+  from sparse_jax import stats  # pylint: disable=import-outside-toplevel
   root = tmp_path / "runs"
   expected = {}
   for d_ff in (128, 256):

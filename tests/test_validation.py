@@ -1,14 +1,22 @@
 """The papers' validation experiments: the S-shaped activation, its metrics, the
 residual LayerNorm MLP with gradient-noise anisotropy, and both configs end to end."""
+import json
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from sparse_jax import config_schema
+from configs import validation_s_shaped, validation_spectral
+from conftest import REPO, run_cli
+from sparse_jax import config_schema, metrics, train
 from sparse_jax.errors import ConfigError
+from sparse_jax.models import build_model
 from sparse_jax.ops import activations as act
 from sparse_jax.ops import mlp as mlp_op
+from test_train_e2e import _event_tags
 
 SHIFTED = act.SShaped(shift_x=1.6, shift_y=-1.6, half_width=1.5)
 
@@ -73,7 +81,6 @@ def test_s_shaped_config_errors():
 
 
 def test_build_model_carries_the_s_shaped_parameters():
-  from sparse_jax.models import build_model  # pylint: disable=g-import-not-at-top
   c = config_schema.base_config()
   c.sparsity.update(dict(activation="s_shaped", s_shaped_shift_x=1.6,
                          s_shaped_shift_y=-1.6))
@@ -89,7 +96,6 @@ def test_build_model_carries_the_s_shaped_parameters():
 
 
 def test_s_shaped_metrics_against_numpy():
-  from sparse_jax import metrics  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   z = [rng.normal(1.0, 2.0, size=(4, 3, 6)).astype(np.float32) for _ in range(2)]
   z[1][0, 0, :3] = 1.6 + 1.5  # On the region's edge: counts as inside.
@@ -114,7 +120,6 @@ def test_s_shaped_metrics_against_numpy():
 
 @pytest.mark.parametrize("batch,width", [(8, 5), (3, 7)])  # Gram side and covariance side.
 def test_gradient_noise_anisotropy_against_numpy(batch, width):
-  from sparse_jax import metrics  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(2)
   # Per-example gradients with one dominant direction, divided by B as in a mean loss.
   grads = [rng.normal(size=(batch, width)) * np.linspace(3.0, 0.5, width) / batch
@@ -138,7 +143,6 @@ def test_gradient_noise_anisotropy_against_numpy(batch, width):
 
 
 def test_s_shaped_config_variants():
-  from configs import validation_s_shaped  # pylint: disable=g-import-not-at-top
   shifts = {}
   for variant in ("center", "pp", "pm", "mp", "mm"):
     c = validation_s_shaped.get_config(variant)
@@ -163,9 +167,6 @@ def test_s_shaped_config_variants():
 
 def test_s_shaped_config_end_to_end(tmp_path, data_dir, cache_dir):
   """The CLI writes the S-shaped metrics, train and eval, to summary.json and TensorBoard."""
-  import json  # pylint: disable=g-import-not-at-top
-  from conftest import REPO, run_cli  # pylint: disable=g-import-not-at-top
-  from test_train_e2e import _event_tags  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   result = run_cli(
       f"--config={REPO}/configs/validation_s_shaped.py:mp", f"--workdir={workdir}",
@@ -190,15 +191,12 @@ def test_s_shaped_config_end_to_end(tmp_path, data_dir, cache_dir):
 
 
 def _residual_config(width=8):
-  from configs import validation_spectral  # pylint: disable=g-import-not-at-top
   c = validation_spectral.get_config(str(width))
   config_schema.validate(c)
   return c
 
 
 def test_residual_mlp_structure_axes_and_observations():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from sparse_jax.models import build_model  # pylint: disable=g-import-not-at-top
   c = _residual_config(8)
   model = build_model(c)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 8, 8, 3)), jnp.float32)
@@ -238,7 +236,6 @@ def test_residual_mlp_structure_axes_and_observations():
 
 def test_residual_mlp_train_step_anisotropy_matches_per_example_gradients():
   """The metric step's anisotropy = numpy's on per-example gradients taken with vmap."""
-  from sparse_jax import train  # pylint: disable=g-import-not-at-top
   c = _residual_config(8)
   c.batch_size = 6
   c.mesh_shape = (1, 1, 1)
@@ -273,8 +270,6 @@ def test_residual_mlp_train_step_anisotropy_matches_per_example_gradients():
 
 
 def test_sgd_optimizer_step_with_l2_weight_decay():
-  import optax  # pylint: disable=g-import-not-at-top
-  from sparse_jax import train  # pylint: disable=g-import-not-at-top
   c = _residual_config(8)
   c.optimizer.weight_decay = 0.1
   tx = train.make_optimizer(c)
@@ -287,7 +282,6 @@ def test_sgd_optimizer_step_with_l2_weight_decay():
 
 
 def test_residual_mlp_and_optimizer_config_errors():
-  from configs import validation_spectral  # pylint: disable=g-import-not-at-top
   c = _residual_config(8)
   c.optimizer.name = "adam"
   with pytest.raises(ConfigError, match="optimizer.name"):
@@ -310,8 +304,6 @@ def test_residual_mlp_and_optimizer_config_errors():
 
 def test_spectral_config_end_to_end(tmp_path, data_dir, cache_dir):
   """The CLI writes the spectral ratio and the anisotropy per block to summary.json."""
-  import json  # pylint: disable=g-import-not-at-top
-  from conftest import REPO, run_cli  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   result = run_cli(
       f"--config={REPO}/configs/validation_spectral.py:16", f"--workdir={workdir}",
