@@ -556,6 +556,61 @@ def test_repeated_augmentation_epoch(digits_dir, process_count):
   assert len(_positions(second).keys() - seen.keys()) > 200
 
 
+def _drawn_indices(epoch, train_images):
+  """{train index: copies} of one epoch of 8 x 8 digits (image_size 8, no crop: the
+  pipeline's image is the stored digit, scaled to [-1, 1])."""
+  index = {}
+  for i, image in enumerate(train_images):
+    index.setdefault(image.tobytes(), i)  # A duplicate digit counts as its first.
+  counts = collections.Counter()
+  for key, where in _positions(epoch).items():
+    image = np.frombuffer(key, np.float32).reshape(8, 8, 3)[..., 0]
+    digit = np.round((image + 1) * 127.5).astype(np.uint8)
+    counts[index[digit.tobytes()]] += len(where)
+  return counts
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3])
+def test_repeated_augmentation_draws_from_the_whole_split(digits_dir, digits_split,
+                                                          process_count):
+  """A shuffle buffer of 16 for a split of 1500 (ImageNet: 250,000 for 1,281,167):
+  each epoch still draws a random third of the whole split, a new one every epoch, so
+  six epochs cover 1 - (2/3)^6 = 91% of it, evenly; a buffer alone would only ever
+  reach the first ~500 records of each shard."""
+  config = repeated_config(digits_dir, image_size=8, input_crop='none',
+                           input_shuffle_buffer=16)
+  train_images = digits_split['train'][0]
+  epochs = [_drawn_indices(e, train_images)
+            for e in _epochs(config, process_count, epochs=6)]
+  total = collections.Counter()
+  for epoch in epochs:
+    assert sum(epoch.values()) == 15 * 96  # 480 images, 3 copies each.
+    assert set(epoch.values()) <= {3, 6}  # 6: a digit that is stored twice.
+    # From the whole split, not a prefix: drawn indices reach its end and average
+    # to its middle.
+    assert max(epoch) > 1400 and abs(np.mean(list(epoch)) - 750) < 75
+    total.update(epoch)
+  # A new draw each epoch: two epochs share about a third of their images.
+  assert len(epochs[0].keys() & epochs[1].keys()) < 240
+  covered = len(total) / len({image.tobytes() for image in train_images})
+  assert covered > 0.85
+  # Evenly: each tenth of the split gets a tenth of the 6 * 1440 copies.
+  per_tenth = np.bincount(np.array(list(total.elements())) // 150, minlength=10)
+  assert np.all(np.abs(per_tenth - 864) < 150), per_tenth
+  # The copies of an image land on different processes, or on different devices of
+  # a batch split over 3 (local positions >= a third of the batch apart).
+  for epoch in _epochs(config, process_count):
+    for where in _positions(epoch).values():
+      if len(where) != 3:
+        continue  # A duplicate digit.
+      if process_count >= 3:
+        assert len({p for p, _, _ in where}) == 3
+      by_process = collections.defaultdict(list)
+      for p, step, i in where:
+        by_process[p, step].append(i // (96 // process_count // 3))
+      assert all(len(set(groups)) == len(groups) for groups in by_process.values())
+
+
 def test_repeated_augmentation_resumes_exactly(digits_dir):
   config = repeated_config(digits_dir, input_flip=True, input_mixup_alpha=0.2)
   run = take(images.train_iterator(config, process_index=1, process_count=2), 18)

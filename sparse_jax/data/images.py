@@ -14,10 +14,15 @@ are read but never decoded.
 Repeated augmentation (`input.repeated_augmentation` = r > 1, the official ViT
 recipe's `RASampler` with r = 3): an epoch is `train examples // batch_size`
 steps, in which 1/r of the images are each seen r times, every copy with its
-own augmentation. The split is cut into one shard per process; each epoch
-every shard is shuffled with a seed of (epoch, shard) alone, so the processes
-that read a shard agree on its order, and process p takes copy c of the j-th
-image of shard (p - c) mod P at its local position r j + c. The r copies of
+own augmentation. The split is cut into one shard per process. Each epoch
+draws from every shard a uniformly random 1/r of its images, the first of a
+fresh stateless permutation of the whole shard (`index_shuffle`, seeded by
+(epoch, shard)), so every image has the same chance in every epoch however
+small the shuffle buffer, which then only orders the drawn images. (A buffer
+alone, reading the shard in file order, could only ever emit the shard's first
+`buffer + 1/r of it` images.) The processes that read a shard agree on its
+draw and order, and process p takes copy c of the j-th image of shard
+(p - c) mod P at its local position r j + c. The r copies of
 an image thus land on r different processes when there are at least r, at
 nearly the same step; with fewer processes, each local batch is laid out in r
 strided groups, so copies sit >= batch / r - 1 positions apart, on different
@@ -40,7 +45,7 @@ from sparse_jax.data.sources import DatasetInfo  # noqa: F401
 from sparse_jax.data.sources import prepare_dataset  # noqa: F401
 
 # Distinct tags keep the shuffle / per-example / per-batch seed streams apart.
-_SHUFFLE_TAG, _EXAMPLE_TAG, _BATCH_TAG = 1, 2, 3
+_SHUFFLE_TAG, _EXAMPLE_TAG, _BATCH_TAG, _DRAW_TAG = 1, 2, 3, 4
 _MAX_EPOCHS = 2**62  # "Forever", as a finite range for flat_map.
 
 
@@ -149,29 +154,39 @@ def _repeated_epochs(config, spec: sources.Spec, decode_small, start_step: int,
   # The shard of each copy c, and the distinct shards this process reads.
   sources_of_copy = [(process_index - c) % process_count for c in range(reps)]
   read = list(dict.fromkeys(sources_of_copy))
-  records = {}
+  records, sizes = {}, {}
   for s in read:
     records[s] = sources.read_records(config, shards[s])
-    if int(records[s].cardinality()) < per_shard:
+    sizes[s] = int(records[s].cardinality())
+    if sizes[s] < per_shard:
       raise sources.error(
           f'{config.dataset} has {total} training examples: with '
           f'repeated_augmentation={reps}, batch_size={config.batch_size} and '
-          f'{process_count} processes, a shard of {int(records[s].cardinality())} '
+          f'{process_count} processes, a shard of {sizes[s]} '
           f'gives fewer than the {per_shard} images an epoch needs.',
           'use fewer processes or --config.input.repeated_augmentation=1')
     if decode_small is not None:
       records[s] = records[s].map(_plain(decode_small)).cache()
-  shuffle_key = _key(config, _SHUFFLE_TAG)
+  shuffle_key, draw_key = _key(config, _SHUFFLE_TAG), _key(config, _DRAW_TAG)
   # The buffers together hold what one unrepeated shuffle buffer would.
   buffer = -(-sources.input_value(config, 'shuffle_buffer') // len(read))
 
   def epoch(index):
     def shuffled(s):
       # Seeded by (epoch, shard) only: every process reading shard s agrees.
+      draw_seed = _fold(_fold(draw_key, index), s)
+      last = tf.constant(sizes[s] - 1, tf.int64)
+
+      def drawn(position, record):
+        # A bijection of [0, size): exactly per_shard images have a rank below it.
+        rank = tf.random.experimental.index_shuffle(position, draw_seed, last)
+        return rank < per_shard
+
       seed = tf.random.stateless_uniform(
           [], _fold(_fold(shuffle_key, index), s), minval=None, maxval=None,
           dtype=tf.int64)
-      return records[s].shuffle(buffer, seed=seed).take(per_shard)
+      return records[s].enumerate().filter(_plain(drawn)).map(
+          _plain(lambda position, record: record)).shuffle(buffer, seed=seed)
 
     def copies(*rows):
       by_shard = dict(zip(read, rows))
