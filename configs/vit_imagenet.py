@@ -46,7 +46,8 @@ def get_config(arg: str | None = None):
   c.num_classes = 1000
   c.batch_size = BATCH
   c.eval_batch_size = BATCH
-  c.input.update(dict(shuffle_buffer=250_000, crop="inception", flip=True,
+  c.input.update(dict(shuffle_buffer=250_000, crop="inception",
+                      crop_sampler="torchvision", flip=True,
                       randaugment_layers=2, randaugment_magnitude=9,
                       randaugment_scale="torchvision", mixup_alpha=0.2,
                       cutmix_alpha=1.0, mix_targets="hard", label_smoothing=0.11,

@@ -130,7 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
       mix_targets="soft",
       # Repeated augmentation (an int >= 1; 1 = off, 3 = the official RASampler): each
       # epoch of examples // batch_size steps sees 1/r of the images, each r times.
-      repeated_augmentation=1))
+      repeated_augmentation=1,
+      # How crop='inception' draws its box: 'tensorflow' (sample_distorted_bounding_box,
+      # big_vision's) | 'torchvision' (RandomResizedCrop's, the official ViT run: larger
+      # boxes on average).
+      crop_sampler="tensorflow"))
   return c
 
 
@@ -520,6 +524,7 @@ RANGES: dict[str, Valid] = {
     "input.randaugment_scale": one_of("big_vision", "torchvision"),
     "input.mix_targets": one_of("soft", "hard"),
     "input.repeated_augmentation": _POSITIVE,
+    "input.crop_sampler": one_of("tensorflow", "torchvision"),
     # The residual MLP.
     "model.width": _POSITIVE,
     "model.num_blocks": _POSITIVE,

@@ -320,6 +320,86 @@ def test_decode_and_random_crop():
   assert not np.array_equal(crops[0], crops[1])
 
 
+def _crop_boxes(sampler, height, width, n=20_000):
+  """[n, 4] (top, left, height, width) boxes that `sampler` draws for n seeds."""
+  shape = tf.constant([height, width, 3], tf.int32)
+  box = lambda i: tf.concat(sampler(shape, tf.stack([i, tf.constant(7, tf.int64)])), 0)
+  return next(iter(tf.data.Dataset.range(n).map(box).batch(n))).numpy()
+
+
+def _torchvision_crop_moments(height, width, grid=1500):
+  """E[box area / image area] and E[log(w / h)] of torchvision's RandomResizedCrop
+  (scale (0.08, 1), ratio (3/4, 4/3), 10 tries, then the centre fallback), integrated
+  on a grid of (area, log ratio), ignoring the rounding of w and h."""
+  area = np.linspace(0.08, 1, 2 * grid + 1)[1::2]
+  log_ratio = np.linspace(np.log(3 / 4), np.log(4 / 3), 2 * grid + 1)[1::2]
+  area, log_ratio = np.meshgrid(area, log_ratio)
+  pixels = height * width * area
+  fits = ((np.sqrt(pixels * np.exp(log_ratio)) <= width) &
+          (np.sqrt(pixels / np.exp(log_ratio)) <= height))
+  none_fit = (1 - fits.mean())**10
+  w = round(height * 4 / 3) if width / height > 4 / 3 else width
+  h = round(width * 4 / 3) if width / height < 3 / 4 else height
+  mean = lambda x: (1 - none_fit) * x[fits].mean()
+  return (mean(area) + none_fit * w * h / (height * width),
+          mean(log_ratio) + none_fit * np.log(w / h))
+
+
+@pytest.mark.parametrize('height,width', [(375, 500), (256, 341), (500, 333)])
+def test_torchvision_crop_box_has_torchvision_distribution(height, width):
+  """20,000 boxes: mean area and mean log aspect ratio as the formula (standard errors
+  0.0015 and 0.0012); TF's sampler's boxes are smaller (0.32-0.37 of the image vs
+  0.39-0.43) and, on portrait images, of the wrong mean ratio."""
+  boxes = _crop_boxes(preprocess.torchvision_crop_box, height, width)
+  top, left, h, w = boxes.T
+  assert np.all((top >= 0) & (left >= 0) & (h >= 1) & (w >= 1))
+  assert np.all((top + h <= height) & (left + w <= width))
+  area, log_ratio = _torchvision_crop_moments(height, width)
+  assert abs(np.mean(h * w) / (height * width) - area) < 0.006
+  assert abs(np.mean(np.log(w / h)) - log_ratio) < 0.005
+  assert np.all(np.abs(np.log(w / h)) <= np.log(4 / 3) + 0.02)  # Up to rounding.
+  # The corner is uniform where the box fits: on average in the middle.
+  free = h < height
+  assert abs(np.mean(top[free] / (height - h[free])) - 0.5) < 0.02
+  old = _crop_boxes(preprocess.tensorflow_crop_box, height, width)
+  assert np.mean(old[:, 2] * old[:, 3]) / (height * width) < area - 0.05
+
+
+def test_torchvision_crop_box_falls_back_to_the_centre():
+  """No box of >= 8% of a 10 x 1000 strip has h <= 10 within the ratios: the centre
+  crop of ratio 4/3 (torchvision's fallback), and its transpose for a tall strip."""
+  np.testing.assert_array_equal(
+      np.unique(_crop_boxes(preprocess.torchvision_crop_box, 10, 1000, 50), axis=0),
+      [[0, 493, 10, 13]])
+  np.testing.assert_array_equal(
+      np.unique(_crop_boxes(preprocess.torchvision_crop_box, 1000, 10, 50), axis=0),
+      [[493, 0, 13, 10]])
+
+
+def test_imagenet_crop_sampler_key(monkeypatch):
+  """input.crop_sampler picks the box sampler of the JPEG path."""
+  image = np.random.RandomState(0).randint(0, 256, (60, 80, 3)).astype(np.uint8)
+  used = []
+
+  def spy(name):
+    sampler = preprocess.CROP_SAMPLERS[name]
+
+    def box(*args):
+      used.append(name)
+      return sampler(*args)
+    return box
+
+  for name in ('tensorflow', 'torchvision'):
+    monkeypatch.setitem(preprocess.CROP_SAMPLERS, name, spy(name))
+  config = make_config('', image_size=32, input_crop='inception')
+  for name in ('tensorflow', 'torchvision'):
+    config.input.crop_sampler = name
+    crop = images._augment_example(config, None, tf.constant([0, 1], tf.int64),
+                                   _jpeg(image))
+    assert crop.shape == (32, 32, 3)
+  assert used == ['tensorflow', 'torchvision']
+
+
 def _test_image() -> tf.Tensor:
   """Colourful, textured, not full-range: every op must change it."""
   rng = np.random.RandomState(0)

@@ -70,7 +70,8 @@ def _augment_example(config, spec: sources.Spec, key: tf.Tensor,
   crop_key, flip_key, ra_key = tf.unstack(
       tf.random.experimental.stateless_split(key, 3))
   image = preprocess.decode_and_random_crop(
-      image_bytes, config.image_size, crop_key)
+      image_bytes, config.image_size, crop_key,
+      sources.input_value(config, 'crop_sampler'))
   if sources.input_value(config, 'flip'):
     image = preprocess.flip(image, flip_key)
   image = _randaugment(config, image, ra_key)

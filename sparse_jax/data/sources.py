@@ -46,7 +46,8 @@ _INPUT_DEFAULTS = dict(shuffle_buffer=10_000, crop=None, flip=False,
                        randaugment_layers=0, randaugment_magnitude=0,
                        mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
                        eval_resize=256, num_threads=0, randaugment_scale='big_vision',
-                       mix_targets='soft', repeated_augmentation=1)
+                       mix_targets='soft', repeated_augmentation=1,
+                       crop_sampler='tensorflow')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,8 @@ def validate(config, process_count: int = 1) -> Spec:
     raise error('config.input.label_smoothing must be in [0, 1).',
                 'pass e.g. --config.input.label_smoothing=0.1')
   choices = {'randaugment_scale': ('big_vision', 'torchvision'),
-             'mix_targets': ('soft', 'hard')}
+             'mix_targets': ('soft', 'hard'),
+             'crop_sampler': ('tensorflow', 'torchvision')}
   for key, allowed in choices.items():
     if input_value(config, key) not in allowed:
       raise error(f'config.input.{key}={input_value(config, key)!r} is not one of '
