@@ -15,9 +15,11 @@ setting with the authors' run.
       --workdir gs://BUCKET/runs/t5_base_sparsified --config.data_dir=gs://BUCKET/tfds
 
 `finetune` (either size): finetuning for sparsity from the vanilla run's checkpoint,
-as officially: LoRA r = 192 (scaling 1/r, B = 0) on every dense kernel, training only
-LoRA, the norm scales and every parameter whose name holds "bias" (zeroth biases and the
-relative attention bias tables, as loralib's bias='all'); ReLU mixed into J-SquaredReLU and the
+as officially: LoRA r = 192 (scaling 1/r, B = 0) on every dense kernel and on the output
+projection, which is untied from the (frozen) input embedding and starts as a copy of it
+(`model.tie_embeddings=False`), training only LoRA, the norm scales and every parameter
+whose name holds "bias" (zeroth biases and the relative attention bias tables, as
+loralib's bias='all'); ReLU mixed into J-SquaredReLU and the
 restricted norm uplifted over 3000 steps; 10k steps with 1000 warmup. `tiny,finetune`
 scales it to 300 steps (mixing and uplift over 100, r = 8) from the tiny vanilla run
 below (its workdir is the default checkpoint).
@@ -78,6 +80,9 @@ def get_config(arg: str | None = None):
         # 'bias' anywhere in the path: zeroth biases and the relative attention bias
         # tables (encoder/relative_attention_bias/embedding), as the official finetune.
         lora_targets=r"kernel$", trainable=r"bias|scale$"))
+    # The official LoRA on HF's lm_head gives the output its own (frozen) copy of the
+    # embedding plus an adapter: untied, started from the source's embedding.
+    c.model.tie_embeddings = False
     steps = 100 if tiny else 3000
     c.sparsity.update(dict(activation_mixing_steps=steps, uplift_steps=steps))
     c.optimizer.warmup_steps = 30 if tiny else 1000

@@ -157,6 +157,10 @@ def t5_config() -> ml_collections.ConfigDict:
       relative_attention_max_distance=128, dropout_rate=0.0,
       attention_dropout_rate=0.0,  # In [0, 1): dropout on attention probabilities (HF T5: 0.1).
       max_len=512,       # Rows of each zeroth bias table (>= inputs and targets length).
+      # False: the output projection is its own kernel (lm_head/kernel), not the input
+      # embedding; a finetune from a tied run starts it as a copy of the embedding (the
+      # official finetune: LoRA on HF's lm_head).
+      tie_embeddings=True,
       dtype="float32"))
   c.dataset = "c4/en"   # 'c4/en' (tfds) | 'python_reference_text' (embedded)
   c.text = ml_collections.ConfigDict(dict(
@@ -540,6 +544,7 @@ RANGES: dict[str, Valid] = {
     "model.dropout_rate": _PROBABILITY,
     "model.attention_dropout_rate": _PROBABILITY,
     "model.max_len": _POSITIVE,
+    "model.tie_embeddings": boolean(),
     "text.vocabulary_path": string(),
     "text.vocabulary_pieces": _POSITIVE,
     "text.inputs_length": _POSITIVE,

@@ -16,6 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -26,8 +27,12 @@ from sparse_jax import run_files
 from sparse_jax.errors import ConfigError
 from sparse_jax.transforms import lora
 
-# Model keys a finetune may change without changing the parameters.
-MODEL_KEYS_FREE_TO_DIFFER = ("dropout_rate", "attention_dropout_rate", "dtype")
+# Model keys a finetune may change without changing the source's parameters
+# (tie_embeddings=False adds one, started from the source's embedding).
+MODEL_KEYS_FREE_TO_DIFFER = ("dropout_rate", "attention_dropout_rate", "dtype",
+                             "tie_embeddings")
+# T5's untied output kernel and the tied embedding it starts from (its transpose).
+LM_HEAD, EMBEDDING = ("lm_head", "kernel"), ("token_embedder", "embedding")
 Path = tuple[str, ...]
 
 
@@ -142,7 +147,9 @@ def check_params_fit(source: dict[Path, tuple[int, ...]], target_params: Any,
 def load_source_params(config: ml_collections.ConfigDict, param_shapes: Any,
                        param_shardings: Any) -> dict[Path, jax.Array]:
   """The source's params (flat, path -> array), each read into the shardings the same
-  path has in this run."""
+  path has in this run. An untied output kernel the source lacks (T5,
+  `model.tie_embeddings=False` from a tied run) is the source's embedding, transposed:
+  the finetune starts from the source's function."""
   source = source_param_shapes(config)
   check_params_fit(source, param_shapes, config.finetune.checkpoint)
   shapes = traverse_util.flatten_dict(param_shapes)
@@ -171,7 +178,11 @@ def load_source_params(config: ml_collections.ConfigDict, param_shapes: Any,
     saved = restored["checksums"]["leaves"]
     ckpt_lib.check_checksums(step_dir, params, saved[1:1 + len(jax.tree.leaves(params))],
                              _FIX_DAMAGED_SOURCE)
-  return traverse_util.flatten_dict(params)
+  params = traverse_util.flatten_dict(params)
+  if LM_HEAD in shapes and LM_HEAD not in source and EMBEDDING in params:
+    params[LM_HEAD] = jax.jit(jnp.transpose, out_shardings=shardings[LM_HEAD])(
+        params[EMBEDDING])
+  return params
 
 
 _FIX_DAMAGED_SOURCE = ("restore that directory from a backup, or pass "

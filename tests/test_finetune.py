@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from conftest import DEFAULT_CONFIG, REPO, cli_env, run_cli
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import config_schema, finetune, train
+from sparse_jax import config_schema, finetune, models, train
 from sparse_jax.errors import ConfigError
 from sparse_jax.transforms import lora
 
@@ -154,6 +154,60 @@ def test_t5_finetune_loads_the_vanilla_checkpoint_and_starts_as_that_model(tmp_p
   (workdir / "config.json").write_text("{")
   with pytest.raises(ConfigError, match="config.json is damaged: it is not valid JSON"):
     finetune.check_source(c)
+
+
+def test_t5_finetune_unties_the_output_with_lora_on_it(tmp_path):
+  """model.tie_embeddings=False from a tied run (the official finetune's LoRA on HF's
+  lm_head): the output kernel starts as the source's embedding, transposed, so the model
+  starts as the source; it gets an adapter and stays frozen, and a trained adapter moves
+  the output only, not the frozen input embedding."""
+  source = _tiny_t5("vanilla")
+  src_exp = train.build_experiment(source)
+  src_state = train.init_state(src_exp)
+  workdir = tmp_path / "vanilla"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(train.config_json(source))
+  saver = ckpt_lib.Checkpointer(str(workdir), save_every=1)
+  saver.save(3, src_state, force=True)
+  saver.close()
+
+  c = _tiny_t5("finetune")
+  c.finetune.update(dict(checkpoint=str(workdir), lora_rank=4, lora_targets="kernel$",
+                         trainable=r"bias|scale$"))
+  c.model.tie_embeddings = False
+  c.sparsity.activation_mixing_steps = 10
+  finetune.check_source(c)  # tie_embeddings may differ from the source's.
+  exp = train.build_experiment(c)
+  state = train.init_state(exp)
+  flat = traverse_util.flatten_dict(jax.device_get(state.params))
+  embedding = jax.device_get(src_state.params["token_embedder"]["embedding"])
+  np.testing.assert_array_equal(flat[("lm_head", "kernel")], embedding.T)
+  assert flat[("lm_head", "lora_a")].shape == (16, 4)
+  assert flat[("lm_head", "lora_b")].shape == (4, 64)
+  labels = traverse_util.flatten_dict(lora.trainable_labels(state.params,
+                                                            c.finetune.trainable))
+  assert labels[("lm_head", "kernel")] == labels[("token_embedder", "embedding")] == "freeze"
+  assert labels[("lm_head", "lora_b")] == "train"
+
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 60 + 2
+  targets = tokens[:, :4]
+  apply = lambda params: exp.model.apply({"params": lora.merge(params)}, tokens, targets,
+                                         train=False, mixing=0.0)
+  theirs = src_exp.model.apply({"params": src_state.params}, tokens, targets, train=False)
+  np.testing.assert_allclose(apply(state.params), theirs, rtol=1e-5, atol=1e-5)
+  # A trained output adapter changes the logits through the output only: the encoder,
+  # which reads the same embedding table, is unchanged.
+  params = jax.tree.map(lambda x: x, state.params)
+  params["lm_head"]["lora_b"] = jnp.ones_like(params["lm_head"]["lora_b"])
+  assert not np.allclose(apply(params), theirs, atol=1e-3)
+  encode = lambda params: exp.model.apply({"params": lora.merge(params)}, tokens,
+                                          method="encode")
+  np.testing.assert_array_equal(encode(params), encode(state.params))
+  # Tied, the model has no output kernel to adapt.
+  tied = _tiny_t5("finetune")
+  tied_shapes = jax.eval_shape(lambda: models.build_model(tied).init(
+      jax.random.key(0), tokens, targets, train=False))["params"]
+  assert "lm_head" not in tied_shapes
 
 
 def test_finetune_from_a_different_architecture_or_bad_rank_fails_before_compile(tmp_path):

@@ -45,7 +45,8 @@ def build_model(config: ml_collections.ConfigDict,
         attention_dropout_rate=m.get("attention_dropout_rate", 0.0),
         activation=activation_spec(config),
         zeroth_bias_position=position, max_len=m.max_len,
-        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel))
+        weight_noise=s.weight_noise, tie_embeddings=m.get("tie_embeddings", True),
+        dtype=jnp.dtype(m.dtype), mlp_kernel=kernel))
   if m.name == "residual_mlp":
     return ResidualMlp(num_classes=config.num_classes, width=m.width,
                        num_blocks=m.num_blocks, dtype=jnp.dtype(m.dtype))
@@ -65,9 +66,15 @@ def activation_spec(config: ml_collections.ConfigDict) -> Activation:
 
 def mlp_kernel(config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh | None = None) -> MlpKernel:
-  """`config.mlp_impl`, `mlp_backend` and `mlp_tiles` as the MLP op's static settings."""
+  """`config.mlp_impl`, `mlp_backend` and `mlp_tiles` as the MLP op's static settings.
+
+  The kernels are built for the platform of `mesh`'s devices (a TPU topology's when
+  compiling for one here), not for this host's.
+  """
   tiles = config.get("mlp_tiles")
+  platform = None if mesh is None else mesh.devices.flat[0].platform
   return MlpKernel(impl=config.get("mlp_impl", "xla"),
                    backend=config.get("mlp_backend", "auto"),
                    tiles=None if tiles is None else tuple(int(t) for t in tiles),
-                   mesh=mesh if mesh is not None and mesh.size > 1 else None)
+                   mesh=mesh if mesh is not None and mesh.size > 1 else None,
+                   platform=platform)

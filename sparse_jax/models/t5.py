@@ -2,7 +2,8 @@
 
 v1.0 = ReLU feed-forward blocks without biases, RMS layer norm (scale only) before every
 sublayer, relative position buckets shared by the layers of a stack, and input/output
-embeddings tied (logits = x @ E^T / sqrt(d_model)). T5-Base (d_model 768, 12 heads of 64,
+embeddings tied (logits = x @ E^T / sqrt(d_model); `tie_embeddings=False` gives the
+output its own kernel, for the official finetune's LoRA on it). T5-Base (d_model 768, 12 heads of 64,
 d_ff 3072, 12 + 12 layers, vocabulary 32128) has exactly 222,903,552 parameters.
 
 Sparsified = J-SquaredReLU + a zeroth bias in each of the 24 feed-forward blocks (one
@@ -26,6 +27,7 @@ Parameter layout (paths the projections and metrics rely on):
   decoder/layer_<i>/{self_attn_norm, self_attention, cross_attn_norm, cross_attention,
                      mlp_norm, mlp}
   decoder/final_norm
+  lm_head/kernel                                    [embed, vocab] (untied only)
 """
 import dataclasses
 from typing import Any
@@ -115,6 +117,10 @@ class T5Config:
   zeroth_bias_position: ZerothBiasPosition | None = None
   max_len: int = 512  # Rows of each zeroth bias table: the longest input or target.
   weight_noise: float = 0.0  # rho of per-token weight noise on the first MLP dense (wi).
+  # False: the logits come from their own kernel `lm_head/kernel` [d_model, vocab]
+  # (initialised as the embedding, and with the same 1/sqrt(d_model) rescale), as in the
+  # official finetune, whose LoRA on HF's `lm_head` unties it from the frozen embedding.
+  tie_embeddings: bool = True
   dtype: Dtype = jnp.float32
   mlp_kernel: MlpKernel = MlpKernel()  # How the MLP op runs ('xla' | 'pallas', tiles).
 
@@ -267,6 +273,11 @@ class T5(nn.Module):
                                                     ("vocab", "embed")))
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                   ("embed", "vocab")))
 
   def __call__(self, encoder_tokens: jax.Array, decoder_tokens: jax.Array, *,
                train: bool, mixing: jax.Array | float = 1.0) -> jax.Array:
@@ -294,8 +305,13 @@ class T5(nn.Module):
         self.token_embedder(decoder_tokens), encoded, _key_mask(encoder_tokens),
         deterministic=not train, mixing=mixing, decode_length=decode_length,
         sparse_mlp=sparse_mlp)
-    # Tied embeddings: T5 v1.0 rescales the decoder output by 1/sqrt(d_model).
-    logits = self.token_embedder.attend(decoded * cfg.d_model ** -0.5)
+    # T5 v1.0 (tied embeddings) rescales the decoder output by 1/sqrt(d_model); HF keeps
+    # the rescale when a LoRA layer replaces the tied lm_head, and so does the untied head.
+    decoded = decoded * cfg.d_model ** -0.5
+    if cfg.tie_embeddings:
+      logits = self.token_embedder.attend(decoded)
+    else:
+      logits = self.lm_head(decoded)
     return logits.astype(jnp.float32)
 
   def decode_step(self, tokens: jax.Array, encoded: jax.Array, encoder_tokens: jax.Array,
