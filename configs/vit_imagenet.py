@@ -5,8 +5,10 @@ at global batch 2048 (187,500 steps; an epoch is 1,281,167 // 2048 steps of repe
 augmentation x3, so it sees a third of the images three times each), AdamW lr 3e-3,
 weight decay 0.3 on every parameter, cosine decay without warmup stepped once per epoch,
 label smoothing 0.11 on the hard (argmax) Mixup 0.2 / CutMix 1.0 targets, torchvision's
-RandAugment(2, 9) of 30 magnitude bins, random-resized crop 224 + flip, gradient
-clipping 1.0, bfloat16 activations; eval resizes to 256 and center-crops 224.
+RandAugment(2, 9) of 30 magnitude bins, torchvision's random-resized crop boxes (224) +
+flip, gradient clipping 1.0, bfloat16 activations, torch MultiheadAttention's attention
+init, the projections (LN clamp / uplift, zeroth-bias box) before each optimizer update
+as the official ViT loop; eval resizes to 256 and center-crops 224.
 docs/official_recipes.md lists every setting and what still differs.
 
   python -m sparse_jax.main --config configs/vit_imagenet.py:sparsified \
@@ -40,7 +42,7 @@ def get_config(arg: str | None = None):
   variant = parse_variant(arg)
   c = base_config()
   c.model.update(dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
-                      mlp_dim=3072, dtype="bfloat16"))
+                      mlp_dim=3072, dtype="bfloat16", attention_init="torch"))
   c.dataset = "imagenet2012"
   c.image_size = 224
   c.num_classes = 1000
@@ -55,6 +57,9 @@ def get_config(arg: str | None = None):
   c.optimizer.update(dict(learning_rate=3e-3, weight_decay=0.3, weight_decay_exclude="",
                           grad_clip_norm=1.0, schedule="cosine", warmup_steps=0,
                           lr_update_every=EPOCH))
+  # As the official loop: LN clamp / uplift and the zeroth-bias box run after the
+  # backward, before optimizer.step() (T5's run after it).
+  c.sparsity.projection_timing = "before_update"
   c.num_steps = 300 * EPOCH
   c.log_every = 500
   c.eval_every = 10 * EPOCH

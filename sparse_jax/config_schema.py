@@ -112,7 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
   c = _common_config()
   c.model = ml_collections.ConfigDict(dict(
       name="vit", patch_size=4, hidden_size=48, num_layers=3, num_heads=4, mlp_dim=192,
-      dtype="float32"))  # Activation dtype; parameters stay float32.
+      dtype="float32",  # Activation dtype; parameters stay float32.
+      # Attention kernels: 'xavier' (uniform on each [d, d] projection) | 'torch'
+      # (torch MultiheadAttention's, the official ViT: Xavier over the stacked [3d, d]
+      # q/k/v, out projection U(+-1/sqrt(d))).
+      attention_init="xavier"))
   # 'sklearn_digits' (embedded) | 'cifar10' | 'mnist' | 'imagenet2012' (tfds, data_dir)
   c.dataset = "sklearn_digits"
   c.manual_dir = config_dict.placeholder(str)  # ImageNet manual download dir
@@ -512,6 +516,7 @@ RANGES: dict[str, Valid] = {
     "model.num_layers": _POSITIVE,
     "model.num_heads": _POSITIVE,
     "model.mlp_dim": _POSITIVE,
+    "model.attention_init": one_of("xavier", "torch"),
     "dataset": one_of(*IMAGE_DATASETS, *TEXT_DATASETS),
     "manual_dir": string(optional=True, nonempty=True),
     "image_size": _POSITIVE,

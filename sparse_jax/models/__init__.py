@@ -32,7 +32,8 @@ def build_model(config: ml_collections.ConfigDict,
         # From scratch the restricted norm drops its bias; finetuning (uplift) keeps it
         # frozen.
         mlp_norm_bias=not (s.restricted_norm and s.norm_projection == "clamp"),
-        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel)
+        weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel,
+        attention_init=m.get("attention_init", "xavier"))
   if m.name == "t5":
     # T5's RMS norm has no bias, so the restricted norm differs only by its projection.
     return T5(T5Config(

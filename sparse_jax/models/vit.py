@@ -11,13 +11,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.nn.attention import MultiHeadAttention
+from sparse_jax.nn.attention import (MultiHeadAttention, torch_in_projection_init,
+                                     torch_out_projection_init)
 from sparse_jax.nn.dense import NoisyDense, layer_norm
 from sparse_jax.nn.sparse_mlp import SparseMlp, ZerothBiasPosition
 from sparse_jax.ops.mlp import MlpKernel
 from sparse_jax.ops.activations import Activation
 
 Dtype = Any
+
+
+def attention_inits(name: str) -> dict[str, nn.initializers.Initializer]:
+  """MultiHeadAttention's kernel inits for `name`: 'xavier' (Xavier uniform on each
+  [d, d] projection, as big_vision) | 'torch' (torch's MultiheadAttention, which the
+  official torchvision ViT uses: Xavier over the stacked [3d, d] q/k/v matrix, out
+  projection U(+-1/sqrt(d)))."""
+  if name == "torch":
+    return dict(kernel_init=torch_in_projection_init(),
+                out_init=torch_out_projection_init())
+  return {}
 
 
 class EncoderBlock(nn.Module):
@@ -31,12 +43,14 @@ class EncoderBlock(nn.Module):
   weight_noise: float
   dtype: Dtype
   mlp_kernel: MlpKernel = MlpKernel()
+  attention_init: str = "xavier"  # See `attention_inits`.
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool, mixing):
     d = x.shape[-1]
     h = layer_norm("attn_norm", dtype=self.dtype)(x)
     x = x + MultiHeadAttention(self.num_heads, d // self.num_heads, dtype=self.dtype,
+                               **attention_inits(self.attention_init),
                                name="attention")(h)
     # The from-scratch restricted LayerNorm has no bias: its output's offset is the zeroth
     # bias's job. (Finetuning keeps the bias, frozen by the optimizer.)
@@ -62,6 +76,8 @@ class VisionTransformer(nn.Module):
   weight_noise: float = 0.0
   dtype: Dtype = jnp.float32
   mlp_kernel: MlpKernel = MlpKernel()  # How the MLP op runs ('xla' | 'pallas', tiles).
+  attention_init: str = "xavier"  # 'xavier' | 'torch' (the official model's; see
+                                  # `attention_inits`).
 
   @property
   def num_tokens(self) -> int:
@@ -95,7 +111,7 @@ class VisionTransformer(nn.Module):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.activation,
                        self.zeroth_bias_position, self.mlp_norm_bias, self.num_tokens,
                        self.weight_noise, self.dtype, self.mlp_kernel,
-                       name=f"block_{i}")(
+                       self.attention_init, name=f"block_{i}")(
                            x, deterministic=not train, mixing=mixing)
     x = layer_norm("encoder_norm", dtype=self.dtype)(x)
     # Zero-initialised head, as in big_vision: every class starts equally likely.
