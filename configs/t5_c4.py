@@ -89,4 +89,6 @@ def get_config(arg: str | None = None):
     c.num_steps = 300 if tiny else 10_000
     c.eval_every = 150 if tiny else 5000
     c.checkpoint_every = 150 if tiny else 5000
+    if not tiny:
+      c.metrics_batch_size = 16  # The official finetune's max_obs_batch_size.
   return c

@@ -4,6 +4,7 @@ dropout and finetune trainables, and the keys that choose them. The input pipeli
 parts (RandAugment scale, hard mixed targets, repeated augmentation, EOS per document)
 are tested in test_data.py and test_text_data.py."""
 import importlib
+import re
 import math
 
 import flax.linen as nn
@@ -192,3 +193,178 @@ def test_vit_attention_init(attention_init, q_std, q_bound, out_std, out_bound):
     np.testing.assert_allclose(kernel.std(), std, rtol=0.01)
     assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.99 * bound
     np.testing.assert_array_equal(attention[name]["bias"], 0.0)
+
+
+# ------------------------------------------------------ every value of the official table
+# docs/official_recipes.md, value by value: a config that drifts from its table fails here.
+VIT_IMAGENET = {
+    "dataset": "imagenet2012", "num_classes": 1000, "image_size": 224,
+    "model.patch_size": 16, "model.hidden_size": 768, "model.num_layers": 12,
+    "model.num_heads": 12, "model.mlp_dim": 3072, "model.attention_init": "torch",
+    "model.dtype": "bfloat16",
+    "batch_size": 2048, "num_steps": 300 * 625,
+    "optimizer.name": "adamw", "optimizer.learning_rate": 3e-3, "optimizer.b1": 0.9,
+    "optimizer.b2": 0.999, "optimizer.weight_decay": 0.3,
+    "optimizer.weight_decay_exclude": "", "optimizer.grad_clip_norm": 1.0,
+    "optimizer.schedule": "cosine", "optimizer.warmup_steps": 0,
+    "optimizer.lr_update_every": 625,
+    "input.crop": "inception", "input.crop_sampler": "torchvision", "input.flip": True,
+    "input.randaugment_layers": 2, "input.randaugment_magnitude": 9,
+    "input.randaugment_scale": "torchvision", "input.mixup_alpha": 0.2,
+    "input.cutmix_alpha": 1.0, "input.mix_targets": "hard", "input.label_smoothing": 0.11,
+    "input.repeated_augmentation": 3, "input.eval_resize": 256,
+    "sparsity.projection_timing": "before_update", "sparsity.zeroth_bias_clipping": 0.1,
+    "sparsity.weight_noise": 0.0, "finetune.lora_rank": 0,
+}
+VIT_VARIANTS = {
+    "sparsified": {"sparsity.activation": "jsrelu",
+                   "sparsity.zeroth_bias_position": "mlp_output",
+                   "sparsity.restricted_norm": True, "sparsity.norm_projection": "clamp"},
+    "vanilla": {"sparsity.activation": "relu", "sparsity.zeroth_bias_position": "none",
+                "sparsity.restricted_norm": False},
+    "finetune": {"sparsity.activation": "mixed", "sparsity.activation_mixing_steps": 0,
+                 "sparsity.zeroth_bias_position": "mlp_output",
+                 "sparsity.restricted_norm": True, "sparsity.norm_projection": "uplift",
+                 "sparsity.uplift_steps": 5 * 625, "num_steps": 15 * 625,
+                 "finetune.lora_rank": 192},
+}
+T5_BASE = {
+    "dataset": "c4/en", "model.vocab_size": 32128, "model.d_model": 768,
+    "model.num_heads": 12, "model.head_dim": 64, "model.d_ff": 3072,
+    "model.num_encoder_layers": 12, "model.num_decoder_layers": 12,
+    "model.relative_attention_num_buckets": 32,
+    "model.relative_attention_max_distance": 128, "model.dropout_rate": 0.1,
+    "model.attention_dropout_rate": 0.1, "model.dtype": "float32",
+    "model.tie_embeddings": True,
+    "batch_size": 256, "num_steps": 100_000, "metrics_batch_size": 32,
+    "optimizer.name": "adamw", "optimizer.learning_rate": 0.01, "optimizer.b1": 0.9,
+    "optimizer.b2": 0.999, "optimizer.weight_decay": 0.001,
+    "optimizer.weight_decay_exclude": "bias", "optimizer.grad_clip_norm": 1.0,
+    "optimizer.schedule": "inverse_sqrt", "optimizer.warmup_steps": 10_000,
+    "optimizer.lr_update_every": 1,
+    "text.inputs_length": 512, "text.targets_length": 114, "text.noise_density": 0.15,
+    "text.mean_noise_span_length": 3.0, "text.document_separator": "eos",
+    "sparsity.projection_timing": "after_update", "sparsity.zeroth_bias_clipping": 0.1,
+    "sparsity.weight_noise": 0.0, "sparsity.activation": "jsrelu",
+    "sparsity.zeroth_bias_position": "mlp_output", "sparsity.restricted_norm": True,
+    "sparsity.norm_projection": "clamp", "finetune.lora_rank": 0,
+}
+T5_FINETUNE = {
+    **T5_BASE, "model.tie_embeddings": False, "num_steps": 10_000,
+    "optimizer.warmup_steps": 1000, "metrics_batch_size": 16,
+    "sparsity.activation": "mixed", "sparsity.activation_mixing_steps": 3000,
+    "sparsity.norm_projection": "uplift", "sparsity.uplift_steps": 3000,
+    "finetune.lora_rank": 192,
+}
+
+
+def _pinned(c, expected):
+  flat = config_schema.flatten(c.to_dict())
+  return {key: flat[key] for key in expected}
+
+
+def _param_paths(c, **model):
+  """'/'-joined param paths of `c`'s model at tiny widths (the same names)."""
+  c.model.update(model)  # c is a fresh config: changing it changes no other test.
+  if c.model.name == "vit":
+    c.image_size = 8
+    inputs = (jnp.zeros((1, 8, 8, 3)),)
+  else:
+    inputs = (jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  shapes = jax.eval_shape(lambda: models.build_model(c).init(
+      jax.random.key(0), *inputs, train=False))["params"]
+  return ["/".join(p) for p in traverse_util.flatten_dict(nn.unbox(shapes))]
+
+
+def _trained_and_adapted(c, paths):
+  params = {p: np.zeros(1) for p in paths}
+  tree = traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in params.items()})
+  labels = traverse_util.flatten_dict(lora.trainable_labels(tree, c.finetune.trainable),
+                                      sep="/")
+  adapted = {p for p in paths if lora.path_predicate(c.finetune.lora_targets)(
+      tuple(p.split("/")), ())}
+  return {p for p, v in labels.items() if v == "train"}, adapted
+
+
+VIT_TINY = dict(patch_size=4, hidden_size=8, num_layers=1, num_heads=2, mlp_dim=16)
+T5_TINY = dict(vocab_size=32, d_model=8, num_heads=2, head_dim=4, d_ff=16,
+               num_encoder_layers=1, num_decoder_layers=1, max_len=8)
+
+
+@pytest.mark.parametrize("variant", ["sparsified", "vanilla", "finetune"])
+def test_vit_imagenet_is_the_official_table(variant):
+  """configs/vit_imagenet.py (no argument = sparsified), each variant, against
+  docs/official_recipes.md's ViT table: every value, weight decay on every parameter,
+  the finetune's LoRA on every dense kernel and what trains."""
+  c = config("vit_imagenet", None if variant == "sparsified" else variant)
+  config_schema.validate(c)
+  expected = {**VIT_IMAGENET, **VIT_VARIANTS[variant]}
+  assert _pinned(c, expected) == expected
+  paths = _param_paths(c, **VIT_TINY)
+  assert not any(re.search(c.optimizer.weight_decay_exclude, p) for p in paths
+                 if c.optimizer.weight_decay_exclude)  # Decay on every parameter.
+  if variant == "finetune":
+    trained, adapted = _trained_and_adapted(c, paths)
+    # Official: loralib on every Linear (MLP, head) and on the attention's in/out
+    # projections; the patch embedding (a conv) has none.
+    assert adapted == {p for p in paths if p.endswith("/kernel")}
+    assert "embedding_kernel" in paths and "embedding_kernel" not in adapted
+    # Trained: every bias (loralib's bias='all'), the LayerNorm scales, zeroth biases.
+    assert trained == {p for p in paths if p.endswith(("bias", "scale"))}
+    assert "block_0/mlp/zeroth_bias" in trained and "embedding_bias" in trained
+
+
+def test_vit_imagenet_sparsified_default_is_the_sparsified_variant():
+  assert config("vit_imagenet").to_dict() == config("vit_imagenet", "sparsified").to_dict()
+
+
+@pytest.mark.parametrize("variant", ["sparsified", "vanilla"])
+def test_t5_base_is_the_official_table(variant):
+  """configs/t5_c4.py:base against the T5 table: every value, and the decay exemption
+  (every parameter whose name holds 'bias': zeroth biases, relative attention bias
+  tables; the norm scales are decayed)."""
+  c = config("t5_c4", f"base,{variant}")
+  config_schema.validate(c)
+  expected = dict(T5_BASE)
+  if variant == "vanilla":
+    expected.update({"sparsity.activation": "relu", "sparsity.zeroth_bias_position": "none",
+                     "sparsity.restricted_norm": False})
+  assert _pinned(c, expected) == expected
+  paths = _param_paths(c, **T5_TINY)
+  exempt = {p for p in paths if re.search(c.optimizer.weight_decay_exclude, p)}
+  assert exempt == {p for p in paths if "bias" in p}
+  assert "encoder/relative_attention_bias/embedding" in exempt
+  assert "encoder/layer_0/mlp_norm/scale" not in exempt
+  if variant == "sparsified":
+    assert "encoder/layer_0/mlp/zeroth_bias" in exempt
+
+
+def test_t5_base_finetune_is_the_official_table():
+  """configs/t5_c4.py:base,finetune against the T5 finetune row: LoRA r 192 on every
+  dense kernel and on the untied output, training LoRA, norm scales and every '*bias*'
+  parameter; mixing and uplift over 3000 of 10,000 steps after 1000 warmup."""
+  c = config("t5_c4", "base,finetune")
+  config_schema.validate(c)
+  assert _pinned(c, T5_FINETUNE) == T5_FINETUNE
+  paths = _param_paths(c, **T5_TINY)
+  trained, adapted = _trained_and_adapted(c, paths)
+  assert adapted == {p for p in paths if p.endswith("/kernel")}
+  assert "lm_head/kernel" in adapted
+  assert trained == {p for p in paths if "bias" in p or p.endswith("scale")}
+  assert "token_embedder/embedding" not in trained | adapted
+
+
+def test_t5_official_vocabulary_size_is_a_key_away():
+  """The official run's embedding has len(tokenizer) = 32,100 rows; the config keeps
+  HF t5-base's padded 32,128 (its published parameter count), and 32,100 builds with
+  28 * 768 fewer parameters."""
+  count = lambda c: sum(np.prod(s.shape) for s in jax.tree.leaves(jax.eval_shape(
+      lambda: models.build_model(c).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
+                                         jnp.ones((1, 4), jnp.int32), train=False)
+  )["params"]))
+  padded = config("t5_c4", "base,vanilla")
+  official = config("t5_c4", "base,vanilla")
+  official.model.vocab_size = 32_100
+  config_schema.validate(official)
+  assert count(padded) == 222_903_552
+  assert count(padded) - count(official) == 28 * 768
