@@ -1,11 +1,15 @@
 """The official recipes of Peng et al. in configs/vit_imagenet.py and configs/t5_c4.py
-(issue 19): the per-epoch learning rate, the ViT finetune's direct swap, T5's attention
-dropout and finetune trainables, and the keys that choose them. The input pipeline's
-parts (RandAugment scale, hard mixed targets, repeated augmentation, EOS per document)
-are tested in test_data.py and test_text_data.py."""
+(issues 19, 24): the per-epoch learning rate, the ViT finetune's direct swap, T5's
+attention dropout and finetune trainables, the ViT attention init, every value of each
+config against docs/official_recipes.md, and the keys that choose them. The input
+pipeline's parts (RandAugment scale, hard mixed targets, repeated augmentation, crop
+boxes, EOS per document) are tested in test_data.py and test_text_data.py; the untied
+T5 output in test_finetune.py."""
+import ast
 import importlib
-import re
 import math
+import os
+import re
 
 import flax.linen as nn
 import jax
@@ -14,6 +18,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import REPO
 from sparse_jax import config_schema, models, train
 from sparse_jax.errors import ConfigError
 from sparse_jax.models.t5 import T5, T5Config
@@ -368,3 +373,32 @@ def test_t5_official_vocabulary_size_is_a_key_away():
   config_schema.validate(official)
   assert count(padded) == 222_903_552
   assert count(padded) - count(official) == 28 * 768
+
+
+def _keys_table():
+  """(key, official value, config file, argument) per row of docs/official_recipes.md's
+  table of the keys that choose."""
+  with open(os.path.join(REPO, "docs", "official_recipes.md")) as f:
+    doc = f.read()
+  table = doc.split("## The keys that choose")[1].split("\n\n")[2]
+  rows = []
+  for line in table.splitlines()[2:]:
+    cells = [c.strip().replace("\0", "|")
+             for c in line.replace("\\|", "\0").strip("|").split(" | ")]
+    key, _, official, where = cells
+    value = ast.literal_eval(re.search(r"`([^`]*)`", official).group(1))
+    name, _, arg = re.search(r"`([^`]*)`", where).group(1).partition(":")
+    rows.append((key.strip("`"), value, name.removesuffix(".py"), arg or None))
+  return rows
+
+
+def test_the_keys_table_is_what_the_configs_set():
+  """Every row of the keys table: the config it names has the official value."""
+  rows = _keys_table()
+  assert len(rows) >= 15
+  assert {k for k, *_ in rows} >= {"input.repeated_augmentation", "input.crop_sampler",
+                                   "model.attention_init", "model.tie_embeddings",
+                                   "sparsity.projection_timing"}
+  for key, value, name, arg in rows:
+    flat = config_schema.flatten(config(name, arg).to_dict())
+    assert flat[key] == value, (key, name, arg)
