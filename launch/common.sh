@@ -63,7 +63,7 @@ WORKER=${SJ_WORKER:-0}
 LINES_SHOWN=100
 YES=0
 env_bool DRY_RUN SJ_DRY_RUN
-OVERRIDES=()  # --config.KEY=VALUE flags and everything after `--` (train.sh only).
+OVERRIDES=()  # --config.KEY=VALUE flags and everything after `--` (train.sh, create.sh).
 
 accepts() {  # accepts OPTION: whether this script takes OPTION.
   [[ " $SCRIPT_OPTIONS " == *" $1 "* ]]
@@ -91,7 +91,7 @@ parse_args() {
         break ;;
       --config.*=*)
         accepts --config.KEY=VALUE || die "$SCRIPT_NAME takes no config overrides ($arg)" \
-          "pass overrides to launch/train.sh"
+          "pass overrides to launch/train.sh (or launch/create.sh with --config)"
         OVERRIDES+=("$arg")
         continue ;;
       --config.*)
@@ -183,6 +183,13 @@ parse_accelerator() {
     v5p) DEFAULT_RUNTIME=v2-alpha-tpuv5 ;;
     v6e) DEFAULT_RUNTIME=v2-alpha-tpuv6e ;;
   esac
+}
+
+check_config_file() {  # CONFIG names a config file of this repository, as workers see it.
+  local config_file=${CONFIG%%:*}
+  [[ $config_file != /* && -f $REPO_ROOT/$config_file ]] || die \
+    "config file '$config_file' is not in this repository" \
+    "name it relative to the repository root, e.g. configs/t5_c4.py:base,sparsified"
 }
 
 # gcloud's location flags, shared by every command. With no --project, gcloud uses its

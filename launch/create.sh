@@ -27,11 +27,19 @@ environment variable in brackets; the flag wins.
                              --queued, excludes --spot; uses gcloud alpha)
   --valid-until-duration D   [SJ_VALID_UNTIL_DURATION] give up a queued request after
                              D, e.g. 6h
+  --config FILE[:ARGS]       [SJ_CONFIG] first compile this config here for the slice's
+                             topology (python3 -m sparse_jax.main --compile_for=TYPE,
+                             with libtpu; no TPU needed) and create nothing if it does
+                             not fit or compile; --config.KEY=VALUE flags go with it
   --dry-run                  [SJ_DRY_RUN=1] print the gcloud command, run nothing
   -h, --help                 this text
 
+The compile check runs with SJ_LOCAL_PYTHON (default python3) in this repository,
+which needs `pip install -e ".[tpu]"` (or the test extra) here.
+
 Example:
-  launch/create.sh --name vit-b16 --zone us-central2-b --accelerator-type v4-32 --spot
+  launch/create.sh --name vit-b16 --zone us-central2-b --accelerator-type v4-32 --spot \
+      --config configs/vit_imagenet.py:sparsified
 USAGE
 }
 
@@ -40,7 +48,7 @@ USAGE
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 parse_args "--project --zone --name --accelerator-type --runtime-version --spot --queued \
---best-effort --valid-until-duration --dry-run" "$@"
+--best-effort --valid-until-duration --config --config.KEY=VALUE --dry-run" "$@"
 check_target
 parse_accelerator
 RUNTIME_VERSION=${RUNTIME_VERSION:-$DEFAULT_RUNTIME}
@@ -57,6 +65,28 @@ if [[ -n $VALID_UNTIL ]] && ((!QUEUED)); then
   die "--valid-until-duration only applies to a queued request" "add --queued, or drop it"
 fi
 scope_flags
+
+if [[ -z $CONFIG && ${#OVERRIDES[@]} -gt 0 ]]; then
+  die "config overrides given without --config (${OVERRIDES[0]})" \
+    "add --config FILE[:ARGS] to compile that config for the slice first, or drop them"
+fi
+if [[ -n $CONFIG ]]; then
+  # The slice's programs, compiled here by the real TPU compiler before any slice is
+  # paid for: a config that does not fit or compile stops here (sparse_jax.main prints
+  # why, and the fix).
+  check_config_file
+  compile=("${SJ_LOCAL_PYTHON:-python3}" -m sparse_jax.main --config "$CONFIG"
+    "--compile_for=$ACCELERATOR_TYPE" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  if ((DRY_RUN)); then
+    run "${compile[@]}"
+  else
+    (cd "$REPO_ROOT" && run "${compile[@]}") || die "$CONFIG does not fit or compile on \
+$ACCELERATOR_TYPE (see above); no slice was created" "follow the fix above, or choose \
+another --accelerator-type"
+  fi
+elif ((!DRY_RUN)); then
+  note "Tip: --config FILE checks here that the config fits and compiles on $ACCELERATOR_TYPE."
+fi
 
 if ((QUEUED)); then
   # The queued resource and its node share NAME, so every other script just uses NAME.

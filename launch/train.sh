@@ -47,11 +47,7 @@ check_target
 if [[ -n $ACCELERATOR_TYPE ]]; then parse_accelerator; fi
 [[ -n $CONFIG ]] || die "no config given" \
   "pass --config FILE[:ARGS] or export SJ_CONFIG=..., e.g. configs/vit_imagenet.py:sparsified"
-# Configs are named as the workers see them: relative to the copied repository.
-config_file=${CONFIG%%:*}
-[[ $config_file != /* && -f $REPO_ROOT/$config_file ]] || die \
-  "config file '$config_file' is not in this repository" \
-  "name it relative to the repository root, e.g. configs/t5_c4.py:base,sparsified"
+check_config_file
 [[ -n $WORKDIR ]] || die "no workdir given" \
   "pass --workdir gs://BUCKET/runs/NAME or export SJ_WORKDIR=gs://BUCKET/runs/NAME"
 if [[ $WORKDIR != gs://* ]]; then

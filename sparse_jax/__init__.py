@@ -35,7 +35,13 @@ by the module-level `__getattr__`; add new public names to `_LAZY`.
 import importlib
 from typing import Any
 
+from sparse_jax import host as _host
+
 __version__ = "0.1.0"
+
+# Before anything imports JAX: on a host with libtpu but no TPU, keep JAX on the CPU
+# (and libtpu's start-up warnings away); see sparse_jax/host.py.
+_host.use_cpu_without_accelerator()
 
 # Public name -> (module, attribute); attribute None means the module itself.
 _LAZY: dict[str, tuple[str, str | None]] = {

@@ -9,6 +9,7 @@ cluster, several processes on one machine) pass --coordinator_address,
 --num_processes and --process_id (see sparse_jax/distributed.py).
 """
 import logging as std_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,6 +32,15 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model abstractly, prin
 _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "dry_run_devices", None, "With --dry_run: size the meshes for this many devices "
     "(e.g. 16 for a v4-32 or v5e-16 slice) instead of the devices here.", lower_bound=1)
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, "Compile the config's programs (train steps, eval step, T5's "
+    "decode) for a TPU slice that is not here, e.g. v5e:16x16, v4:4x4x4, v5p:4x4x4, "
+    "v6e:8x8, with the real TPU compiler (libtpu; no TPU, data or workdir needed), "
+    "print the memory, FLOPs, collectives and time bound per chip, and exit; exit 1 if "
+    "it does not fit. See docs/pods.md.")
+_COMPILE_SLICES = flags.DEFINE_integer(
+    "compile_slices", 1, "With --compile_for: that many slices joined by the data-center "
+    "network (multislice; the data axis spans them).", lower_bound=1)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0, where it "
     "starts the coordinator (a free port; the same value on every process). Not needed "
@@ -56,6 +66,12 @@ def _distributed_options() -> distributed.Options:
     distributed.check_options(options)
   except ConfigError as e:
     _fail(str(e))
+  if _COMPILE_FOR.value is not None and _DRY_RUN.value:
+    _fail("--compile_for and --dry_run given together.\nFix: pass one of them: "
+          "--dry_run sizes the state by arithmetic, --compile_for compiles for a TPU.")
+  if _COMPILE_SLICES.value != 1 and _COMPILE_FOR.value is None:
+    _fail(f"--compile_slices={_COMPILE_SLICES.value} given without --compile_for.\n"
+          "Fix: add --compile_for=TOPOLOGY, or drop --compile_slices.")
   if _DRY_RUN_DEVICES.value is not None and not _DRY_RUN.value:
     _fail(f"--dry_run_devices={_DRY_RUN_DEVICES.value} given without --dry_run.\n"
           "Fix: add --dry_run, or drop --dry_run_devices.")
@@ -69,6 +85,9 @@ def main(argv) -> None:
   options = _distributed_options()
   config = _load_config()
   cli.use_compilation_cache(_CACHE_DIR.value)
+  if _COMPILE_FOR.value is not None:
+    _compile_for(config)
+    return
   if not _DRY_RUN.value:
     if not _WORKDIR.value:
       _fail("No --workdir given.\nFix: pass --workdir=/path/to/run_dir.")
@@ -93,6 +112,39 @@ def main(argv) -> None:
     train.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, train.NonFiniteLossError) as e:
     _fail(str(e))
+
+
+def _compile_for(config) -> None:
+  """--compile_for: compile for the TPU slice, print the table; exit 1 if it does not
+  fit (or does not compile), with the fix."""
+  from sparse_jax import tpu  # pylint: disable=import-outside-toplevel
+  try:
+    topology = tpu.parse_topology(_COMPILE_FOR.value, _COMPILE_SLICES.value)
+  except ConfigError as e:
+    _fail(str(e))
+  _show_progress()
+  from sparse_jax import target_compile  # pylint: disable=import-outside-toplevel
+  try:
+    report = target_compile.compile_for(config, topology, config_name=_config_name(),
+                                        progress=_progress_line)
+    print(target_compile.format_report(report), flush=True)
+    target_compile.check_fits(report)
+  except ConfigError as e:
+    _fail(str(e))
+
+
+def _config_name() -> str:
+  """The --config argument as the user typed it (file and ':arguments')."""
+  for i, arg in enumerate(sys.argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(sys.argv):
+      return sys.argv[i + 1]
+  return "config"
+
+
+def _progress_line(message: str) -> None:
+  std_logging.getLogger("sparse_jax").info(message)
 
 
 def _load_config():

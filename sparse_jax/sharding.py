@@ -63,12 +63,29 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
   return tuple(shape)
 
 
-def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all)."""
+def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None,
+              num_slices: int = 1) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all).
+
+  With `num_slices` > 1 (a multislice TPU run, devices carrying `slice_index`) the
+  'data' axis is split over the slices first, so that only the data-parallel gradient
+  reduction crosses the data-center network; 'fsdp' and 'tensor' stay in a slice.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if num_slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if shape[0] % num_slices:
+    raise ConfigError(
+        f"mesh_shape={shape}: the data axis ({shape[0]}) must split over the "
+        f"{num_slices} slices (only data parallelism crosses slices).\nFix: pass "
+        f"--config.mesh_shape='(-1, {shape[1]}, {shape[2]})' or a data size divisible by "
+        f"{num_slices}.")
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  per_slice = (shape[0] // num_slices, shape[1], shape[2])
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -33,6 +33,18 @@ class ImageClassification:
   def inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
     return (batch["image"],)
 
+  def batch_shapes(self, config: ml_collections.ConfigDict, train: bool
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global train or eval batch as the input pipeline yields it, as shapes."""
+    size, image = _batch_size(config, train), config.image_size
+    out = {"image": jax.ShapeDtypeStruct((size, image, image, 3), jnp.float32)}
+    if train:  # Soft (mixed, smoothed) targets.
+      out["label"] = jax.ShapeDtypeStruct((size, config.num_classes), jnp.float32)
+    else:
+      out["label"] = jax.ShapeDtypeStruct((size,), jnp.int32)
+      out["mask"] = jax.ShapeDtypeStruct((size,), jnp.float32)
+    return out
+
   def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
     return jnp.mean(metrics_lib.cross_entropy(logits, batch["label"]))
 
@@ -63,6 +75,19 @@ class SpanCorruption:
   def inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
     return batch["encoder_input_tokens"], batch["decoder_input_tokens"]
 
+  def batch_shapes(self, config: ml_collections.ConfigDict, train: bool
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global train or eval batch as the input pipeline yields it, as shapes."""
+    size, t = _batch_size(config, train), config.text
+    tokens = lambda n, dtype=jnp.int32: jax.ShapeDtypeStruct((size, n), dtype)
+    out = {"encoder_input_tokens": tokens(t.inputs_length),
+           "decoder_input_tokens": tokens(t.targets_length),
+           "decoder_target_tokens": tokens(t.targets_length),
+           "decoder_loss_weights": tokens(t.targets_length, jnp.float32)}
+    if not train:
+      out["mask"] = jax.ShapeDtypeStruct((size,), jnp.float32)
+    return out
+
   def loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
     return metrics_lib.masked_mean(
         metrics_lib.cross_entropy(logits, batch["decoder_target_tokens"]),
@@ -88,6 +113,10 @@ class SpanCorruption:
   def _decoder_weights(batch: Batch, mask: jax.Array | None) -> jax.Array:
     weights = batch["decoder_loss_weights"].astype(jnp.float32)
     return weights if mask is None else weights * mask[:, None]
+
+
+def _batch_size(config: ml_collections.ConfigDict, train: bool) -> int:
+  return int(config.batch_size if train else config.eval_batch_size)
 
 
 Task = ImageClassification | SpanCorruption

@@ -153,12 +153,15 @@ class Experiment:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state_shapes.params))
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Global batches must split evenly over data-parallel devices and processes."""
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      process_count: int | None = None) -> None:
+  """Global batches must split evenly over data-parallel devices and processes
+  (`process_count`: those of the run, default this run's)."""
   shards = sharding.data_parallel_size(mesh)
+  processes = jax.process_count() if process_count is None else process_count
   for key in ("batch_size", "eval_batch_size"):
     for count, what in ((shards, "data-parallel shards (mesh data x fsdp)"),
-                        (jax.process_count(), "processes")):
+                        (processes, "processes")):
       if config[key] % count:
         nearest = max(count, config[key] // count * count)
         raise ConfigError(

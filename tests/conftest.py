@@ -6,6 +6,10 @@ import sys
 
 import pytest
 
+# Before any test imports JAX: with libtpu installed (the test extra) and no TPU here,
+# sparse_jax keeps JAX on the CPU and libtpu quiet (sparse_jax/host.py).
+import sparse_jax  # pylint: disable=unused-import
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 if REPO not in sys.path:  # Lets tests import configs/*.py as the CLI loads them.

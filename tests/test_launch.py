@@ -446,8 +446,12 @@ BAD = [
     ("create", VALID["create"] + ("--zone",), None,
      ["--zone needs a value", "--zone VALUE"]),
     ("create", VALID["create"] + ("--spot=yes",), None, ["--spot is a switch"]),
-    ("create", VALID["create"] + ("--config.num_steps=3",), None,
+    ("teardown", TARGET + ("--config.num_steps=3",), None,
      ["takes no config overrides", "launch/train.sh"]),
+    ("create", VALID["create"] + ("--config.num_steps=3",), None,
+     ["overrides given without --config", "add --config FILE"]),
+    ("create", VALID["create"] + ("--config", "configs/nope.py"), None,
+     ["config file 'configs/nope.py' is not in this repository"]),
     ("teardown", TARGET + ("--spot",), None, ["launch/teardown.sh has no option --spot"]),
     ("setup", TARGET + ("--source", "git"), None,
      ["--source git needs the repository", "--repo URL"]),
@@ -489,3 +493,34 @@ def test_bad_arguments_stop_before_anything_runs(launch, script, args, env, expe
   assert error.startswith(f"launch/{script}.sh: error: ") and fix
   for text in expected:
     assert text in result.stderr, (text, result.stderr)
+
+
+# ---------------------------------------------------------------------- compile check
+def test_create_compiles_the_config_for_the_slice_first(launch):
+  """With --config, create.sh compiles the config for the slice's topology here (the real
+  TPU compiler) before creating it; the printed command and a real compile both work."""
+  commands = launch.dry_run("create", *TARGET, "--accelerator-type", "v5litepod-4",
+                            "--config", "configs/default.py", "--config.batch_size=64")
+  assert commands[0] == ["python3", "-m", "sparse_jax.main", "--config",
+                         "configs/default.py", "--compile_for=v5litepod-4",
+                         "--config.batch_size=64"]
+  assert commands[1][:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
+  result = launch("create", *TARGET, "--accelerator-type", "v5litepod-4", "--config",
+                  "configs/default.py", env={"FAKE_GCLOUD_RC": "0",
+                                             "SJ_LOCAL_PYTHON": sys.executable})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "compiled for v5e:2x2 (v5litepod-4, 4 chips)" in result.stdout
+  assert len(launch.gcloud_calls()) == 1
+
+
+def test_create_stops_before_gcloud_when_the_config_does_not_compile(launch):
+  # A mesh the 4 chips of a v5litepod-4 cannot take: sparse_jax.main's two-line error,
+  # then create.sh's own, and no slice.
+  result = launch("create", *TARGET, "--accelerator-type", "v5litepod-4", "--config",
+                  "configs/default.py", "--config.mesh_shape=(3, 1, 1)",
+                  env={"FAKE_GCLOUD_RC": "0", "SJ_LOCAL_PYTHON": sys.executable})
+  assert result.returncode == 2, result.stderr
+  assert "mesh_shape" in result.stderr
+  assert "no slice was created" in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("Fix:")
+  assert launch.gcloud_calls() == []

@@ -48,6 +48,10 @@ class MlpKernel:
     backend: kernel family for 'pallas': 'tpu' (Mosaic, scalar prefetch), 'gpu'
       (Triton, mask read in-kernel), 'reference' (their jnp meaning), or 'auto' (from
       the platform; CPU interprets the TPU kernels).
+    platform: the platform the program is compiled for ('cpu', 'tpu', 'gpu'), or
+      None: the platform of `mesh`'s devices, else JAX's default backend. A program
+      compiled here for a TPU topology (`--compile_for`) names 'tpu', so its kernels
+      are Mosaic kernels, not interpreted ones.
     tiles: (tokens, units, features) tile, or None for the backend's default.
     interpret: Pallas interpret mode: None = on CPU only, True, False, or a
       `pltpu.InterpretParams` (TPU interpreter: DMA/race simulation).
@@ -59,13 +63,22 @@ class MlpKernel:
   tiles: tuple[int, int, int] | None = None
   interpret: Any = None
   mesh: jax.sharding.Mesh | None = None
+  platform: str | None = None
   batch_axes: tuple[str, ...] = ("data", "fsdp")
   tensor_axis: str | None = "tensor"
+
+  def resolved_platform(self) -> str:
+    """'cpu', 'tpu' or 'gpu': where the kernels will run (see `platform`)."""
+    platform = self.platform
+    if platform is None and self.mesh is not None:
+      platform = self.mesh.devices.flat[0].platform
+    platform = platform or jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
   def resolved_backend(self) -> str:
     if self.backend != "auto":
       return self.backend
-    return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu"
+    return "gpu" if self.resolved_platform() == "gpu" else "tpu"
 
   def resolved_tiles(self) -> Tiles:
     if self.tiles is not None:
@@ -76,7 +89,7 @@ class MlpKernel:
   def resolved_interpret(self) -> Any:
     if self.interpret is not None:
       return self.interpret
-    return jax.default_backend() == "cpu"
+    return self.resolved_platform() == "cpu"
 
   def validate(self) -> None:
     """Raises ValueError naming the bad field and its fix."""
