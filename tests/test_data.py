@@ -257,9 +257,10 @@ def test_config_errors(digits_dir, tmp_path):
 @pytest.mark.parametrize('official', [False, True])
 def test_imagenet_pipeline_on_mock_data(tmp_path, official):
   """The JPEG path, also with the official ViT recipe's inputs (torchvision RandAugment
-  scale, repeated augmentation x3, hard mixed targets smoothed by 0.11)."""
+  scale and crop boxes, repeated augmentation x3, hard mixed targets smoothed by 0.11)."""
   recipe = dict(input_randaugment_scale='torchvision', input_repeated_augmentation=3,
-                input_mix_targets='hard', input_label_smoothing=0.11) if official else {}
+                input_mix_targets='hard', input_label_smoothing=0.11,
+                input_crop_sampler='torchvision') if official else {}
   manual_dir = tmp_path / 'manual'
   manual_dir.mkdir()
   for name in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'):
