@@ -159,9 +159,14 @@ def matmul_flops(jaxpr: Any) -> float:
   return total
 
 
-def program_cost(name: str, lowered: Any) -> ProgramCost:
-  """Compiles `lowered` and reads its per-chip costs."""
+def program_cost(name: str, lower: Callable[[], Any]) -> ProgramCost:
+  """Lowers (`lower()`) and compiles a program, and reads its per-chip costs."""
   start = time.time()
+  try:
+    lowered = lower()
+  except ValueError as e:  # The kernels' own checks (tiles, SMEM), before compiling.
+    raise CompileError(f"The {name} program cannot be built for TPU: "
+                       f"{str(e).replace(' Fix:', chr(10) + 'Fix:')}") from None
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -326,7 +331,7 @@ def compile_for(config: ml_collections.ConfigDict, topology: tpu.Topology,
   costs = []
   for name in names:
     progress(f"Compiling {name} for {topology.name} (mesh {dict(mesh.shape)}) ...")
-    costs.append(program_cost(name, thunks[name]()))
+    costs.append(program_cost(name, thunks[name]))
     progress(f"Compiled {name} in {costs[-1].compile_seconds:.1f} s.")
   costs = tuple(costs)
   model_flops, six_n_d = analytic_flops(exp)
@@ -354,8 +359,10 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
                     for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
 
 
-def _hours(seconds: float) -> str:
-  return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:,.1f} min"
+def _duration(seconds: float) -> str:
+  if seconds >= 3600:
+    return f"{seconds / 3600:,.1f} h"
+  return f"{seconds / 60:,.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def format_report(report: TargetReport) -> str:
@@ -367,14 +374,14 @@ def format_report(report: TargetReport) -> str:
           f"{g.hbm_bytes / GIB:.0f} GiB HBM, {g.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
           f"{g.hbm_bytes_per_s / 1e9:.0f} GB/s"]
   rows = [("program", "compile s", "args GiB", "temp GiB", "out GiB", "aliased GiB",
-           "code MiB", "total GiB", "HBM %", "margin GiB", "TFLOP/chip", "bound ms",
+           "code MiB", "total GiB", "HBM %", "margin GiB", "GFLOP/chip", "bound ms",
            "Mosaic")]
   for p in report.programs:
     rows.append((p.name, f"{p.compile_seconds:.1f}", f"{p.argument_bytes / GIB:.3f}",
                  f"{p.temp_bytes / GIB:.3f}", f"{p.output_bytes / GIB:.3f}",
                  f"{p.alias_bytes / GIB:.3f}", f"{p.code_bytes / MIB:.1f}",
                  f"{p.total_bytes / GIB:.3f}", f"{100 * p.total_bytes / g.hbm_bytes:.1f}",
-                 f"{(g.hbm_bytes - p.total_bytes) / GIB:.2f}", f"{p.flops / 1e12:.3f}",
+                 f"{(g.hbm_bytes - p.total_bytes) / GIB:.2f}", f"{p.flops / 1e9:,.2f}",
                  f"{1e3 * p.seconds_bound(g):.2f}", str(p.mosaic_calls)))
   coll = [("program", "collective", "count", "MiB per chip")]
   for p in report.programs:
@@ -384,18 +391,18 @@ def format_report(report: TargetReport) -> str:
   lines += ["== collectives =="] + (_table(coll) if len(coll) > 1 else ["none"])
   names = {p.name for p in report.programs}
   lines.append("== FLOPs and time per train step, per chip ==")
-  lines.append(f"model matmul FLOPs (jaxpr, dense MLP): {report.model_flops / 1e12:.3f} T; "
-               f"6 x params x tokens: {report.six_n_d_flops / 1e12:.3f} T")
+  lines.append(f"model matmul FLOPs (jaxpr, dense MLP): {report.model_flops / 1e9:,.2f} G; "
+               f"6 x params x tokens: {report.six_n_d_flops / 1e9:,.2f} G")
   if "train_step" in names:
     plain = report.program("train_step")
-    lines.append(f"compiler's count of the train step: {plain.flops / 1e12:.3f} T "
+    lines.append(f"compiler's count of the train step: {plain.flops / 1e9:,.2f} G "
                  f"(Pallas kernels counted dense, from their cost estimates)")
   if {"train_step", "train_step_metrics"} <= names:
     lines.append(
         f"lower bound (peak FLOP/s or HBM bandwidth, collectives and input not counted): "
         f"{1e3 * report.program('train_step').seconds_bound(g):.2f} ms per step; the "
-        f"recipe's {report.num_steps:,} steps >= {_hours(report.recipe_seconds_bound)}, "
-        f">= {report.chip_hours_bound:,.0f} chip-hours on {t.chips} chips")
+        f"recipe's {report.num_steps:,} steps >= {_duration(report.recipe_seconds_bound)}, "
+        f">= {report.chip_hours_bound:,.3g} chip-hours on {t.chips} chips")
   fits = report.largest()
   lines.append(("fits" if report.fits else "DOES NOT FIT") +
                f": largest program {fits.name} {fits.total_bytes / GIB:.2f} GiB of "

@@ -111,6 +111,19 @@ def test_every_mosaic_kernel_compiles(generation, dtype, tiles):
     assert name in compiled.as_text()
 
 
+def test_small_token_tiles_fit_scalar_memory_or_stop_before_compiling(v5e_2x2):
+  # 3,000 token tiles x 24 unit tiles: as 2D tables Mosaic padded to 128 columns this
+  # needed 1.5 MB of the 1 MiB SMEM; flat it takes 0.3 MB and compiles.
+  compiled = _mlp_grad_compiled(v5e_2x2, jnp.bfloat16, (8, 128, 128), tokens=24_000,
+                                d_model=128, d_ff=3072)
+  assert _mosaic_calls(compiled) == 5
+  # Four times the tokens do not fit even flat: a ValueError naming the fix, at trace
+  # time (no compile).
+  with pytest.raises(ValueError, match=r"scalar memory \(SMEM\)[\s\S]*Fix: larger"):
+    _mlp_grad_compiled(v5e_2x2, jnp.bfloat16, (8, 128, 128), tokens=96_000,
+                       d_model=128, d_ff=3072)
+
+
 def test_kernel_cost_estimates_count_the_dense_matmuls(v5e_2x2):
   compiled = _mlp_grad_compiled(v5e_2x2, jnp.bfloat16, None, 256, 256, 512)
   cost = compiled.cost_analysis()
@@ -177,6 +190,31 @@ def test_tiny_programs_compile_with_mosaic_kernels(model):
   row = next(line for line in text.splitlines() if line.startswith("train_step "))
   assert f"{plain.argument_bytes / 2**30:.3f}" in row.split()
   assert f"{plain.total_bytes / 2**30:.3f}" in row.split()
+
+
+CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                      if f.endswith(".py"))
+# The small configs (and variants) whose train step CI compiles on every generation's
+# smallest slice; ViT-B/16 and T5-Base are benchmarks/tpu_compile.py's (minutes each).
+SMALL = [("default", None), ("default", "vanilla"), ("default", "finetune"),
+         ("t5_c4", "tiny,sparsified"), ("t5_c4", "tiny,finetune"),
+         ("validation_s_shaped", None), ("validation_spectral", None)]
+
+
+def test_every_config_file_is_compiled_here_or_by_the_benchmark():
+  assert {name for name, _ in SMALL} | {"vit_imagenet", "t5_c4"} >= set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize("name,arg,topology", [
+    *[(name, arg, "v5e:2x2") for name, arg in SMALL],
+    *[("default", None, t) for t in ("v4:2x2x1", "v5p:2x2x1", "v6e:2x2")],
+    *[("t5_c4", "tiny", t) for t in ("v4:2x2x1", "v5p:2x2x1", "v6e:2x2")]])
+def test_small_configs_train_step_compiles_for_every_generation(name, arg, topology):
+  import importlib  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  report = target_compile.compile_for(config, tpu.parse_topology(topology),
+                                      programs=("train_step",))
+  assert report.fits and report.program("train_step").argument_bytes > 0
 
 
 def test_batch_shapes_are_what_the_pipeline_yields(data_dir):

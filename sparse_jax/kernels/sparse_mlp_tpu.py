@@ -18,6 +18,26 @@ from sparse_jax.kernels.block_mask import nonzero_block_indices
 from sparse_jax.kernels.tiles import HiddenMap, Tiles
 
 _F32 = jnp.float32
+# Scalar memory of a TensorCore (v4, v5e, v5p, v6e: 1 MiB). The prefetched block tables
+# live there; they are passed flat, since Mosaic pads a 2D SMEM array's rows to 128
+# words (a [3152, 24] table of ViT-B/16's 25k tokens per chip in 8-token tiles takes
+# 1.6 MB as 2D, 0.3 MB flat). Some of it holds the kernel's own scalars.
+SMEM_BYTES = 2**20
+_SMEM_RESERVED = 64 * 2**10
+
+
+def check_block_tables(rows: int, cols: int, tiles: Tiles) -> None:
+  """ValueError (with the fix) if the block tables of a [rows, cols] hidden layer in
+  `tiles` do not fit in SMEM; checked before compiling."""
+  words = (rows // tiles.tokens) * (cols // tiles.units) + max(rows // tiles.tokens,
+                                                               cols // tiles.units) + 1
+  if 4 * words > SMEM_BYTES - _SMEM_RESERVED:
+    raise ValueError(
+        f"The MLP kernels' block tables for {rows} tokens x {cols} units in tiles of "
+        f"{tiles.tokens} x {tiles.units} take {4 * words / 2**10:,.0f} KiB of the "
+        f"{(SMEM_BYTES - _SMEM_RESERVED) // 2**10} KiB of TPU scalar memory (SMEM) they "
+        f"may use. Fix: larger token or unit tiles (e.g. --config.mlp_tiles='(256, 256, "
+        f"256)'), or fewer tokens per chip.")
 
 
 def _params(semantics):
@@ -53,7 +73,9 @@ def row_sparse_matmul(lhs, rhs, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
   m, kdim = lhs.shape
   n = rhs.shape[0] if rhs_transposed else rhs.shape[1]
   grid = (m // bm, n // bn, kdim // bk)
+  steps = grid[2]
   indices, counts = nonzero_block_indices(mask)
+  indices = indices.reshape(-1)  # Flat in SMEM: idx[i * steps + s].
 
   def kernel(idx_ref, cnt_ref, mix_ref, lhs_ref, rhs_ref, out_ref, acc_ref):
     i, s = pl.program_id(0), pl.program_id(2)
@@ -71,12 +93,15 @@ def row_sparse_matmul(lhs, rhs, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
       out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
   if rhs_transposed:
-    rhs_spec = pl.BlockSpec((bn, bk), lambda i, j, s, idx, cnt, mix: (j, idx[i, s]))
+    rhs_spec = pl.BlockSpec((bn, bk),
+                            lambda i, j, s, idx, cnt, mix: (j, idx[i * steps + s]))
   else:
-    rhs_spec = pl.BlockSpec((bk, bn), lambda i, j, s, idx, cnt, mix: (idx[i, s], j))
+    rhs_spec = pl.BlockSpec((bk, bn),
+                            lambda i, j, s, idx, cnt, mix: (idx[i * steps + s], j))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
-      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, s, idx, cnt, mix: (i, idx[i, s])),
+      in_specs=[pl.BlockSpec((bm, bk),
+                             lambda i, j, s, idx, cnt, mix: (i, idx[i * steps + s])),
                 rhs_spec],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, s, idx, cnt, mix: (i, j)),
       scratch_shapes=[pltpu.VMEM((bm, bn), _F32)])
@@ -95,7 +120,9 @@ def col_sparse_matmul(lhs, rhs, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
   m, kdim = lhs.shape
   n = rhs.shape[1]
   grid = (kdim // bk, n // bn, m // bm)
+  steps = grid[2]
   indices, counts = nonzero_block_indices(mask.T)
+  indices = indices.reshape(-1)  # Flat in SMEM: idx[k * steps + s].
 
   def kernel(idx_ref, cnt_ref, mix_ref, lhs_ref, rhs_ref, out_ref, acc_ref):
     k, s = pl.program_id(0), pl.program_id(2)
@@ -113,8 +140,10 @@ def col_sparse_matmul(lhs, rhs, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
 
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=grid,
-      in_specs=[pl.BlockSpec((bm, bk), lambda k, j, s, idx, cnt, mix: (idx[k, s], k)),
-                pl.BlockSpec((bm, bn), lambda k, j, s, idx, cnt, mix: (idx[k, s], j))],
+      in_specs=[pl.BlockSpec((bm, bk),
+                             lambda k, j, s, idx, cnt, mix: (idx[k * steps + s], k)),
+                pl.BlockSpec((bm, bn),
+                             lambda k, j, s, idx, cnt, mix: (idx[k * steps + s], j))],
       out_specs=pl.BlockSpec((bk, bn), lambda k, j, s, idx, cnt, mix: (k, j)),
       scratch_shapes=[pltpu.VMEM((bk, bn), _F32)])
   return pl.pallas_call(
@@ -132,19 +161,20 @@ def masked_grad_matmul(z, dy, w2, mask, mixing, *, fn: HiddenMap, tiles: Tiles,
   m, kdim = z.shape
   n = dy.shape[1]
   grid = (m // bm, kdim // bk, n // bn)
-  flags = mask.astype(jnp.int32)
+  units = grid[1]
+  flags = mask.astype(jnp.int32).reshape(-1)  # Flat in SMEM: flag[i * units + k].
 
   # A zero block keeps its dy / W2 block index at column 0: at most one fetch per zero
   # block instead of one per feature tile.
   def dy_index(i, k, j, flag, mix):
-    return i, jnp.where(flag[i, k] > 0, j, 0)
+    return i, jnp.where(flag[i * units + k] > 0, j, 0)
 
   def w2_index(i, k, j, flag, mix):
-    return k, jnp.where(flag[i, k] > 0, j, 0)
+    return k, jnp.where(flag[i * units + k] > 0, j, 0)
 
   def kernel(flag_ref, mix_ref, z_ref, dy_ref, w2_ref, out_ref, acc_ref):
     i, k, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    nonzero = flag_ref[i, k] > 0
+    nonzero = flag_ref[i * units + k] > 0
 
     def block():
       return jax.lax.dot_general(dy_ref[...].astype(_F32), w2_ref[...].astype(_F32),

@@ -143,6 +143,8 @@ def _pallas_forward(static, x, w1, b1, z_offset, keep, w2, b2, mixing):
   t, kern = static.tiles, _KERNELS[static.backend]
   (n, d), f = x.shape, w1.shape[1]
   np_, fp, dp = _round_up(n, t.tokens), _round_up(f, t.units), _round_up(d, t.features)
+  if static.backend == "tpu" and static.interpret is False:
+    sparse_mlp_tpu.check_block_tables(np_, fp, t)  # Mosaic would fail late, on SMEM.
   z = _pad2(_pre_activation(x, w1, b1, z_offset, keep), np_, fp, INACTIVE)
   mask = block_mask(is_active(z, static.activation), t.tokens, t.units)
   mix = jnp.reshape(mixing, (1,)).astype(jnp.float32)
