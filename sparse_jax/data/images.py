@@ -179,7 +179,10 @@ def _repeated_epochs(config, spec: sources.Spec, decode_small, start_step: int,
       last = tf.constant(sizes[s] - 1, tf.int64)
 
       def drawn(position, record):
-        # A bijection of [0, size): exactly per_shard images have a rank below it.
+        del record
+        # A bijection of [0, size): exactly per_shard images have a rank below it. The
+        # whole shard is read (as bytes) to keep them: tfds records have no random
+        # access, and a shuffle buffer alone would only reach the shard's prefix.
         rank = tf.random.experimental.index_shuffle(position, draw_seed, last)
         return rank < per_shard
 
