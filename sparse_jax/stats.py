@@ -42,8 +42,12 @@ class RatioCI:
 
 def welch_ratio_ci(num: Sequence[float], den: Sequence[float],
                    level: float = 0.95) -> RatioCI:
-  """num / den with a Welch-t interval on log(num) - log(den) (values must be > 0)."""
-  a, b = np.log(np.asarray(num, np.float64)), np.log(np.asarray(den, np.float64))
+  """num / den with a Welch-t interval on log(num) - log(den) (values must be > 0; a
+  sample with a zero or negative value gives a nan ratio and no interval)."""
+  # A density of 0 (a run whose units all died, a metric never logged as nonzero) is
+  # a case the caller shows as "-", not a warning from numpy's log.
+  with np.errstate(divide="ignore", invalid="ignore"):
+    a, b = np.log(np.asarray(num, np.float64)), np.log(np.asarray(den, np.float64))
   if a.size == 0 or b.size == 0 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
     return RatioCI(math.nan, None, None, a.size, b.size, None, level)
   diff = float(np.mean(a) - np.mean(b))

@@ -1,5 +1,6 @@
 """stats.py against scipy's Welch t-test and hand-computed values."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -54,3 +55,15 @@ def test_verdicts():
                                    "run at least 2 seeds per variant")
   same = stats.welch_ratio_ci([0.2, 0.2], [0.2, 0.2])
   assert (same.ratio, same.low, same.high) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("num, den", [([0.0, 0.2], [0.3, 0.31]), ([0.2, 0.21], [0.0, 0.0]),
+                                      ([-0.1, 0.2], [0.3, 0.31])])
+def test_zero_or_negative_values_give_no_ratio_and_no_numpy_warning(num, den):
+  # A study with a zero density (e.g. a metric that stayed 0) printed numpy's raw
+  # "divide by zero encountered in log"; the report shows "-" for it.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ci = stats.welch_ratio_ci(num, den)
+  assert math.isnan(ci.ratio) and not ci.has_ci
+  assert stats.verdict(ci).startswith("no ratio can be computed")
