@@ -63,10 +63,11 @@ TILES: tuple[Tile, ...] = ((1, 32), (8, 32), (8, 64), (8, 128), (16, 128), (32, 
                            (64, 64), (128, 128), (8, 256))
 REORDER_TILES: tuple[Tile, ...] = KERNEL_TILES + ((8, 32),)
 
+# README's workdirs: the digits ViTs of its two commands, the tiny T5 of its decoding
+# section (sparsified) and the tiny vanilla T5 of docs/finetuning.md.
 DEFAULT_WORKDIRS = ("/tmp/sparse_jax/digits_sparsified", "/tmp/sparse_jax/digits_vanilla",
-                    "/tmp/t5runs/sparsified", "/tmp/t5runs/vanilla")
-# The commands that produce the default workdirs (README; the T5 ones are the README's
-# tiny T5 commands with these workdirs, which their config.json match).
+                    "/tmp/sparse_jax/t5_tiny", "/tmp/sparse_jax/t5_tiny_vanilla")
+# The commands that produce the default workdirs, as README.md and docs/ give them.
 KNOWN_COMMANDS = {
     "/tmp/sparse_jax/digits_sparsified":
         "python -m sparse_jax.main --config configs/default.py "
@@ -74,13 +75,17 @@ KNOWN_COMMANDS = {
     "/tmp/sparse_jax/digits_vanilla":
         "python -m sparse_jax.main --config configs/default.py:vanilla "
         "--workdir /tmp/sparse_jax/digits_vanilla",
-    "/tmp/t5runs/sparsified":
-        "python -m sparse_jax.main --config configs/t5_c4.py:tiny,sparsified "
-        "--workdir /tmp/t5runs/sparsified",
-    "/tmp/t5runs/vanilla":
+    "/tmp/sparse_jax/t5_tiny":
+        "python -m sparse_jax.main --config configs/t5_c4.py:tiny "
+        "--workdir /tmp/sparse_jax/t5_tiny",
+    "/tmp/sparse_jax/t5_tiny_vanilla":
         "python -m sparse_jax.main --config configs/t5_c4.py:tiny,vanilla "
-        "--workdir /tmp/t5runs/vanilla",
+        "--workdir /tmp/sparse_jax/t5_tiny_vanilla",
 }
+# For a workdir that holds nothing yet, the config its name suggests (first match).
+CONFIG_BY_NAME = (("t5", "configs/t5_c4.py:tiny[,vanilla]"),
+                  ("imagenet", "configs/vit_imagenet.py[:vanilla]"),
+                  ("", "configs/default.py[:vanilla]"))
 # Configs a workdir's config.json is matched against to name the command that made it.
 CANDIDATE_CONFIGS = (
     "configs/default.py:sparsified", "configs/default.py:vanilla",
@@ -334,8 +339,10 @@ def training_command(workdir: str) -> str:
   if not os.path.exists(saved_path):
     if workdir in KNOWN_COMMANDS:
       return KNOWN_COMMANDS[workdir]
-    return (f"python -m sparse_jax.main --config configs/default.py[:vanilla] "
-            f"--workdir {workdir}  (or another config, see README.md)")
+    name = os.path.basename(workdir).lower()
+    spec = next(spec for part, spec in CONFIG_BY_NAME if part in name)
+    return (f"python -m sparse_jax.main --config {spec} --workdir {workdir}  (or "
+            "another config, see README.md)")
   from sparse_jax import config_schema  # pylint: disable=g-import-not-at-top
   with open(saved_path, encoding="utf-8") as f:
     saved_json = json.load(f)

@@ -1,4 +1,5 @@
 """The pure functions of benchmarks/mlp_sparsity.py on hand-made arrays (no training)."""
+import glob
 import importlib.util
 import json
 import os
@@ -182,8 +183,25 @@ def test_missing_checkpoint_names_the_training_command(tmp_path):
   assert (f"python -m sparse_jax.main --config configs/default.py:vanilla --workdir "
           f"{workdir}") in str(error.value)
   assert "has no checkpoint" in str(error.value)
-  assert bench.training_command("/tmp/t5runs/sparsified").startswith(
-      "python -m sparse_jax.main --config configs/t5_c4.py:tiny,sparsified")
+  assert bench.training_command("/tmp/sparse_jax/t5_tiny") == (
+      "python -m sparse_jax.main --config configs/t5_c4.py:tiny --workdir "
+      "/tmp/sparse_jax/t5_tiny")
+  # A workdir of no known command: the config its name suggests.
+  assert "--config configs/t5_c4.py:tiny[,vanilla] --workdir" in bench.training_command(
+      str(tmp_path / "my_t5_run"))
+  assert "--config configs/default.py[:vanilla] --workdir" in bench.training_command(
+      str(tmp_path / "digits"))
+
+
+def test_default_workdirs_are_the_manuals():
+  # Each default workdir is trained by a command README.md or docs/ shows as written.
+  manual = open(os.path.join(REPO, "README.md"), encoding="utf-8").read() + "".join(
+      open(p, encoding="utf-8").read()
+      for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+  manual = " ".join(manual.replace("\\\n", " ").split())
+  for workdir in bench.DEFAULT_WORKDIRS:
+    assert workdir.startswith("/tmp/sparse_jax/"), workdir
+    assert bench.KNOWN_COMMANDS[workdir] in manual, workdir
 
 
 def test_format_table_aligns_columns():
