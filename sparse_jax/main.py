@@ -112,6 +112,8 @@ def main(argv) -> None:
     train.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, train.NonFiniteLossError) as e:
     _fail(str(e))
+  # Finished or preempted, everything written: skip the seconds of teardown (issue 31).
+  cli.exit_promptly(0)
 
 
 def _compile_for(config) -> None:

@@ -547,6 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_scalars: dict[str, float] = {}
   last_good = latest
   pending = None  # (step, loss, grad_norm) of the previous step, checked one step late.
+  preempted = None  # The step a preemption stopped the loop at.
 
   def check_finite(step, loss, grad_norm):
     loss, grad_norm = float(loss), float(grad_norm)
@@ -605,15 +606,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if last_good != done:
           check_finite(*pending)
           checkpointer.save(done, state, data=_data_positions(local_batches), force=True)
-        checkpointer.wait()
-        log.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", done)
-        return {}
+        preempted = done
+        break
   finally:
     if hasattr(local_batches, "close"):  # Stops the text pipeline's prefetch thread.
       local_batches.close()
     writer.flush()
     checkpointer.wait()
 
+  if preempted is not None:
+    # Closed, not only flushed: no writer or orbax thread is left behind, so the
+    # process can end at once (see cli.exit_promptly).
+    writer.close()
+    checkpointer.close()
+    log.warning("Preempted at step %d; checkpoint saved. Rerun to resume.", preempted)
+    return {}
   if start_step >= config.num_steps:  # Finished earlier, summary missing: evaluate again.
     eval_scalars = evaluate(exp, eval_step, state.params, state.step)
   checkpointer.close()
