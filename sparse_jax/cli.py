@@ -62,9 +62,9 @@ def exit_promptly(code: int = 0) -> None:
   """Ends the process now, once its work is saved, without the interpreter's teardown.
 
   After a run has written everything, a normal exit of a process that imported JAX and
-  TensorFlow still spends seconds (tens of seconds on a loaded or swapping machine)
-  garbage-collecting every module's objects and running C++ destructors, tf.data's
-  included, none of which writes anything. This runs what must run (the atexit
+  TensorFlow still spends seconds (2-3 s on a 2-core VM, benchmarks/exit_time.py)
+  garbage-collecting every module's objects and running C++ destructors, none of which
+  writes anything. This runs what must run (the atexit
   functions: logging flushes its handlers, JAX waits for pending effects and leaves a
   multi-process job cleanly), flushes stdout and stderr, and calls os._exit.
 
