@@ -206,16 +206,26 @@ def default_spectral_threshold(shape: tuple[int, ...]) -> float:
   return 10.0 * min(shape) / max(shape)
 
 
-def spectrum(kernel: jax.Array) -> jax.Array:
+def spectrum(kernel: jax.Array, platform: str | None = None) -> jax.Array:
   """Eigenvalues (ascending, >= 0) of the Gram matrix of a kernel [d_in, d_out] on its
-  smaller side: the min(d_in, d_out) squared singular values."""
+  smaller side: the min(d_in, d_out) squared singular values.
+
+  `platform`: where the program runs, if not this host's default. On 'tpu' the
+  eigenvalues come from the TPU's Jacobi eigensolver, one custom call: JAX's default
+  there (QDWH) is plain HLO that took the TPU compiler minutes per 768 x 768 matrix,
+  most of a ViT-B/16 logging step's compile time.
+  """
   w = kernel.astype(jnp.float32)
   gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-  return jnp.maximum(jnp.linalg.eigvalsh(gram), 0.0)
+  if (platform or jax.default_backend()) == "tpu":
+    _, lam = jax.lax.linalg.eigh(gram, implementation=jax.lax.linalg.EighImplementation.JACOBI)
+  else:
+    lam = jnp.linalg.eigvalsh(gram)
+  return jnp.maximum(lam, 0.0)
 
 
-def spectral_values(kernel: jax.Array, threshold: float | None = None
-                    ) -> dict[str, jax.Array]:
+def spectral_values(kernel: jax.Array, threshold: float | None = None,
+                    platform: str | None = None) -> dict[str, jax.Array]:
   """Spectral increase and concentration of one kernel W1 [d_in, d_out].
 
   Returns w1_frobenius_sq = ||W1||_F^2, spectral_nonzero_fraction = share of the
@@ -224,7 +234,7 @@ def spectral_values(kernel: jax.Array, threshold: float | None = None
   square root is the singular-value ratio). t defaults to `default_spectral_threshold`.
   """
   t = default_spectral_threshold(kernel.shape) if threshold is None else threshold
-  lam = spectrum(kernel)
+  lam = spectrum(kernel, platform)
   nonzero = lam > t * jnp.mean(lam)
   largest = lam[-1]
   smallest = jnp.min(jnp.where(nonzero, lam, largest))
@@ -234,12 +244,14 @@ def spectral_values(kernel: jax.Array, threshold: float | None = None
 
 
 def spectral_metrics(intermediates: Mapping[str, Any], threshold: float | None = None,
-                     stacks: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+                     stacks: tuple[str, ...] | None = None,
+                     platform: str | None = None) -> dict[str, jax.Array]:
   """`spectral_values` of the 'w1' kernel every MLP block sowed, per layer (per stack
-  if given) and mean: w1_frobenius_sq, spectral_ratio, spectral_nonzero_fraction."""
+  if given) and mean: w1_frobenius_sq, spectral_ratio, spectral_nonzero_fraction.
+  `platform`: see `spectrum`."""
   blocks = mlp_blocks(intermediates, ("w1",))
   masks = None if stacks is None else {s: None for s in stacks}
-  values = [spectral_values(m["w1"], threshold) for _, m in blocks]
+  values = [spectral_values(m["w1"], threshold, platform) for _, m in blocks]
   out: dict[str, jax.Array] = {}
   for name in ("w1_frobenius_sq", "spectral_ratio", "spectral_nonzero_fraction"):
     named = [(p, v[name]) for (p, _), v in zip(blocks, values)]

@@ -8,7 +8,6 @@ bounds `--compile_for` prints are computed from them.
 """
 import dataclasses
 import math
-import os
 import re
 from typing import Any
 
@@ -149,20 +148,6 @@ def topology_for_accelerator(accelerator_type: str) -> Topology:
   return Topology(generation, tuple(shape))
 
 
-def _compile_only_libtpu(topology: Topology) -> None:
-  """Settings libtpu reads once, when first started in this process, for a host with
-  no TPU (unless the user set them): without a TPU it warns at start-up that it cannot
-  find the slice's accelerator type and worker hostnames, so they are given; and it
-  takes a lock file that lets one process at a time use the TPU, which would make two
-  compiles (or parallel tests) fail, so the lock is waived: nothing runs on a TPU."""
-  from sparse_jax import host  # pylint: disable=import-outside-toplevel
-  if host.tpu_chips_attached():
-    return
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.accelerator_type)
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
 def devices(topology: Topology) -> list[Any]:
   """The JAX devices of `topology`, for compiling only.
 
@@ -173,7 +158,7 @@ def devices(topology: Topology) -> list[Any]:
   if not host.has_libtpu():
     raise ConfigError("Compiling for a TPU needs libtpu, which is not installed.\n"
                       "Fix: pip install -e \".[tpu]\" (or the test extra).")
-  _compile_only_libtpu(topology)
+  host.compile_only_libtpu_settings(topology.accelerator_type)
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   kwargs: dict[str, Any] = {"num_slices": topology.num_slices}
   if topology.generation.chip_config:

@@ -250,6 +250,7 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
   mixing_steps = config.sparsity.activation_mixing_steps
   cap = config.metrics_batch_size
   s_shaped_metrics = _s_shaped_metrics(config)
+  platform = exp.mesh.devices.flat[0].platform  # A TPU topology's under --compile_for.
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array]):
     noise_rng, dropout_rng = jax.random.split(
@@ -299,7 +300,7 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
         out.update(metrics.flatness_metrics(mutated["intermediates"], probe_grads, masks))
         out.update(metrics.spectral_metrics(mutated["intermediates"],
                                             config.metrics.spectral_threshold,
-                                            stacks=task.stacks))
+                                            stacks=task.stacks, platform=platform))
       out.update(s_shaped_metrics(mutated["intermediates"], mask=masks))
       out.update(metrics.gradient_noise_anisotropy(probe_grads))
       out["activation_mixing"] = mixing

@@ -304,13 +304,32 @@ def test_cli_bad_compile_input_is_a_clean_error(args, phrases):
   assert_clean_error(proc, *phrases)
 
 
-def test_importing_sparse_jax_keeps_libtpu_quiet_on_a_cpu_host():
+@pytest.mark.parametrize("imports", ["import sparse_jax, jax", "import jax, sparse_jax"])
+def test_importing_sparse_jax_keeps_libtpu_quiet_on_a_cpu_host(imports):
   assert host.has_libtpu() and not host.tpu_chips_attached()
-  env = cli_env()
-  env.pop("JAX_PLATFORMS", None)
+  env = {k: v for k, v in cli_env().items()
+         if not k.startswith(("TPU_", "JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU"))}
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-  proc = subprocess.run([sys.executable, "-c", "import sparse_jax, jax; "
-                         "print(jax.default_backend())"], capture_output=True, text=True,
+  # A CPU computation, then a TPU topology and a lowering for it in the same process.
+  code = (f"{imports}; import jax.numpy as jnp; from sparse_jax import metrics, tpu; "
+          "print(jax.default_backend(), float(jnp.ones(2).sum())); "
+          "d = tpu.devices(tpu.parse_topology('v4:2x2x1'))[0]; "
+          "s = jax.ShapeDtypeStruct((8, 16), jnp.float32, "
+          "sharding=jax.sharding.SingleDeviceSharding(d)); "
+          "jax.jit(lambda k: metrics.spectrum(k, 'tpu')).lower(s).compile()")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         env=env, cwd=REPO, timeout=300)
-  assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr
+  assert proc.returncode == 0 and proc.stdout.strip() == "cpu 2.0", proc.stderr
   assert proc.stderr == "", proc.stderr
+
+
+def test_spectral_metrics_use_the_tpu_eigensolver_on_tpu(v5e_2x2):
+  one = jax.sharding.SingleDeviceSharding(v5e_2x2[0])
+  kernel = jax.ShapeDtypeStruct((96, 384), jnp.float32, sharding=one)
+  lowered = jax.jit(lambda k: target_compile.train.metrics.spectral_values(
+      k, platform="tpu")).lower(kernel)
+  # One Jacobi custom call (seconds to compile) instead of QDWH's HLO (minutes at 768).
+  assert lowered.as_text().count("stablehlo.custom_call @Eigh(") == 1
+  values = jax.jit(lambda k: target_compile.train.metrics.spectral_values(k))(
+      jax.random.normal(jax.random.key(0), (96, 384)))
+  assert float(values["w1_frobenius_sq"]) > 0  # The CPU path (eigvalsh) still runs.
