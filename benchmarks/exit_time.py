@@ -4,6 +4,8 @@
   python benchmarks/exit_time.py --repeats 5 --json /tmp/exit_time.json
   python benchmarks/exit_time.py --source /tmp/old_checkout   # another checkout's code
 
+Flags it does not know (`--config.data_dir=DIR`, ...) are passed on to every run.
+
 Two cases, each a fresh run of `--config` for `--steps` steps in a new workdir (under
 `--root`, a temporary directory by default):
 
@@ -38,13 +40,14 @@ CASES = ("done", "sigterm")
 
 def _run_command(args, workdir: str, cache_dir: str) -> list[str]:
   """Command line of one run: a progress line every 1/20 of the steps, one eval and
-  one checkpoint at the end."""
+  one checkpoint at the end, and the flags this script does not know (e.g.
+  --config.data_dir=DIR)."""
   return [sys.executable, "-m", "sparse_jax.main", f"--config={args.config}",
           f"--workdir={workdir}", f"--compilation_cache_dir={cache_dir}",
           f"--config.num_steps={args.steps}",
           f"--config.log_every={max(1, args.steps // 20)}",
           f"--config.eval_every={args.steps}", f"--config.checkpoint_every={args.steps}",
-          "--config.optimizer.warmup_steps=0"]
+          "--config.optimizer.warmup_steps=0", *args.run_flags]
 
 
 def time_exit(command: list[str], case: str, env: dict[str, str], cwd: str,
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--root", help="Directory for the workdirs (default: a new "
                       "temporary directory, removed afterwards).")
   parser.add_argument("--json", help="Also write the rows to this JSON file.")
-  args = parser.parse_args(argv)
+  args, args.run_flags = parser.parse_known_args(argv)
   cases = args.cases.split(",")
   if set(cases) - set(CASES):
     parser.error(f"--cases: unknown {sorted(set(cases) - set(CASES))}")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
       exits = [t["exit_s"] for t in times]
       rows.append({"case": case, "n": len(exits), "exit_s": exits,
                    "mean_s": statistics.mean(exits),
-                   "sd_s": statistics.stdev(exits) if len(exits) > 1 else float("nan"),
+                   "sd_s": statistics.stdev(exits) if len(exits) > 1 else None,
                    "total_s": [t["total_s"] for t in times]})
   cpu = _cpu_name()
   print(f"{args.config}, {args.steps} steps, {args.repeats} runs per case; "
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "whole run, mean |")
   print("| --- | --- | --- | --- | --- |")
   for r in rows:
-    print(f"| {r['case']} | {r['n']} | {r['mean_s']:.2f} +- {r['sd_s']:.2f} s | "
+    sd = "-" if r["sd_s"] is None else f"{r['sd_s']:.2f}"
+    print(f"| {r['case']} | {r['n']} | {r['mean_s']:.2f} +- {sd} s | "
           f"{min(r['exit_s']):.2f} - {max(r['exit_s']):.2f} s | "
           f"{statistics.mean(r['total_s']):.1f} s |")
   if args.json:

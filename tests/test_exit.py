@@ -6,6 +6,8 @@ wait up to 60 s for, is off; and `python -m sparse_jax.main` leaves through
 cli.exit_promptly after "Done" and after a preemption, skipping the interpreter's
 teardown, but only once nothing is left running that may still write.
 """
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,3 +116,16 @@ def test_main_exits_promptly_after_preemption_and_after_done(tmp_path, data_dir,
   assert "Resuming from checkpoint" in done.stderr and "Done:" in done.stderr
   assert "INTERPRETER-TEARDOWN" not in done.stderr, done.stderr[-3000:]
   assert (workdir / "summary.json").exists()
+
+
+def test_exit_time_benchmark_prints_its_table(tmp_path, data_dir, capsys):
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import exit_time  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  out = tmp_path / "rows.json"
+  rows = exit_time.main(["--repeats=1", "--steps=10", "--cases=done", f"--json={out}",
+                         f"--root={tmp_path}", f"--config.data_dir={data_dir}"])
+  assert json.loads(out.read_text()) == rows
+  (row,) = rows
+  assert row["case"] == "done" and row["n"] == 1
+  assert 0 <= row["exit_s"][0] < row["total_s"][0]
+  assert "| done | 1 |" in capsys.readouterr().out
