@@ -198,9 +198,12 @@ def _compile_error(name: str, error: Exception) -> ConfigError:
   text = str(error)
   first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
   if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
+    needed = re.search(r"required for ([\w ]+?) \(([\d.]+\w?)\) exceeds available "
+                       r"(\w+) \(([\d.]+\w?)\)", text)
     used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) (\w+)", text)
-    detail = (f" (the compiler's words: used {used.group(1)} of {used.group(2)} "
-              f"{used.group(3)})" if used else "")
+    detail = (f": its {needed.group(1)} need {needed.group(2)}B per chip, "
+              f"{needed.group(4)}B of {needed.group(3)} are available" if needed else
+              f" (used {used.group(1)} of {used.group(2)} {used.group(3)})" if used else "")
     return CompileError(f"The {name} program does not fit in the chip's memory{detail}."
                         "\n" + _FIT_FIX)
   return CompileError(f"The TPU compiler rejected the {name} program: {first[:400]}\n"

@@ -163,6 +163,10 @@ def devices(topology: Topology) -> list[Any]:
   kwargs: dict[str, Any] = {"num_slices": topology.num_slices}
   if topology.generation.chip_config:
     kwargs["chip_config_name"] = topology.generation.chip_config
+  if topology.hosts == topology.num_slices:
+    # A one-host slice (v5e/v6e up to 8 chips: 1x1, 2x2, 2x4) is one process; libtpu's
+    # default of 2x2 chips per host cannot describe 1x1 and splits 2x4 in two.
+    kwargs["chips_per_host_bounds"] = (*topology.shape, 1)[:3]
   try:
     description = topologies.get_topology_desc(topology_name=topology.name,
                                                platform="tpu", **kwargs)

@@ -260,6 +260,16 @@ def test_matmul_flops_counts_nested_and_scanned_dots():
                                                 + 2 * 8 * 4 * 4 * 8)
 
 
+def test_a_real_out_of_memory_compile_is_the_two_line_error():
+  # One ViT-B/16 layer at 4,096 images on one v5e chip: the TPU compiler runs out of
+  # HBM (in seconds: it fails before optimising).
+  proc = run_cli("--config", os.path.join(REPO, "configs", "vit_imagenet.py"),
+                 "--compile_for=v5e:1x1", "--config.model.num_layers=1",
+                 "--config.batch_size=4096", "--config.eval_batch_size=256")
+  assert_clean_error(proc, "The train_step program does not fit in the chip's memory",
+                     "GB of HBM are available", "Fix: a larger slice")
+
+
 def test_does_not_fit_is_a_config_error_with_the_fix():
   g = tpu.GENERATIONS["v5e"]
   big = target_compile.ProgramCost("train_step", 1.0, g.hbm_bytes, 2**30, 0, 2**30, 0,
