@@ -197,6 +197,13 @@ class CompileError(ConfigError):
 def _compile_error(name: str, error: Exception) -> ConfigError:
   text = str(error)
   first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  if "vmem" in text.lower():  # A Pallas kernel's blocks overflow the core's VMEM.
+    used = re.search(r"Used ([\d.]+\w?) of ([\d.]+\w?) vmem", text)
+    detail = f" ({used.group(1)}B of {used.group(2)}B)" if used else ""
+    return CompileError(
+        f"The {name} program's Pallas MLP kernels need more vector memory (VMEM) than a "
+        f"TPU core has{detail}: their tiles are too large.\nFix: smaller tiles, e.g. "
+        "--config.mlp_tiles='(512, 512, 768)' (docs/pods.md lists those that compile).")
   if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
     needed = re.search(r"required for ([\w ]+?) \(([\d.]+\w?)\) exceeds available "
                        r"(\w+) \(([\d.]+\w?)\)", text)
@@ -283,7 +290,8 @@ def analytic_flops(exp: train.Experiment) -> tuple[float, float]:
   The first counts every dot_general of the plain train step's jaxpr with the MLP as
   plain jnp (`mlp_impl='xla'`, the kernels' dense equivalent): forward, backward and
   attention. The second is the usual estimate, tokens being the batch's positions
-  (ViT patches + class token; T5 encoder + decoder tokens).
+  (ViT patches + class token; T5 encoder + decoder tokens; one per example for the
+  residual MLP).
   """
   config = exp.config
   dense = ml_collections.ConfigDict(config.to_dict())
@@ -296,8 +304,10 @@ def analytic_flops(exp: train.Experiment) -> tuple[float, float]:
   flops = matmul_flops(jax.make_jaxpr(step)(state, batch))
   if config.model.name == "t5":
     tokens = config.batch_size * (config.text.inputs_length + config.text.targets_length)
-  else:
+  elif config.model.name == "vit":
     tokens = config.batch_size * ((config.image_size // config.model.patch_size) ** 2 + 1)
+  else:  # The residual MLP: one token, the flattened image, per example.
+    tokens = config.batch_size
   chips = exp.mesh.size
   return flops / chips, 6.0 * exp.num_params * tokens / chips
 

@@ -270,6 +270,17 @@ def test_a_real_out_of_memory_compile_is_the_two_line_error():
                      "GB of HBM are available", "Fix: a larger slice")
 
 
+def test_tiles_too_large_for_vmem_name_the_fix():
+  config = configs.default.get_config()
+  config.mlp_impl = "pallas"
+  config.mlp_tiles = (1024, 1024, 768)  # 21 MB of blocks in a v4 core's 16 MB of VMEM.
+  config.batch_size = 256
+  with pytest.raises(target_compile.CompileError,
+                     match=r"vector memory \(VMEM\)[\s\S]*Fix: smaller tiles"):
+    target_compile.compile_for(config, tpu.parse_topology("v4:2x2x1"),
+                               programs=("eval_step",))
+
+
 def test_does_not_fit_is_a_config_error_with_the_fix():
   g = tpu.GENERATIONS["v5e"]
   big = target_compile.ProgramCost("train_step", 1.0, g.hbm_bytes, 2**30, 0, 2**30, 0,
