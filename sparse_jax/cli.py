@@ -2,6 +2,7 @@
 the prompt exit after a run, progress lines on stderr, and problem/fix messages for flag
 and config errors."""
 import atexit
+import gc
 import importlib
 import logging as std_logging
 import os
@@ -84,8 +85,15 @@ def exit_promptly(code: int = 0) -> None:
 
 
 def fail(message: str) -> None:
+  """Ends the program with the two-line error (`message`'s last line is the fix) as
+  the last lines of its output, exit code 1."""
+  # Library objects that failed (orbax's restore futures) log "exception was never
+  # retrieved" when they are garbage-collected: collect them now, before the message,
+  # not at the interpreter's teardown after it.
+  gc.collect()
   print(f"sparse_jax: error: {message}", file=sys.stderr)
-  sys.exit(1)
+  exit_promptly(1)
+  sys.exit(1)  # Another thread is still alive: exit as usual, after it.
 
 
 def show_progress() -> None:

@@ -177,6 +177,8 @@ def test_tiny_programs_compile_with_mosaic_kernels(model):
   assert any(c.kind == "all-reduce" for c in report.program("train_step").collectives)
   assert report.model_flops > 0 and report.six_n_d_flops > 0
 
+  if model == "t5":
+    return  # The memory check below, once (it compiles the train step again).
   # The printed numbers are memory_analysis()'s, of the same program compiled again.
   exp = target_compile.train.build_experiment(config, target_compile.target_mesh(
       config, topology))
@@ -208,7 +210,8 @@ def test_every_config_file_is_compiled_here_or_by_the_benchmark():
 @pytest.mark.parametrize("name,arg,topology", [
     *[(name, arg, "v5e:2x2") for name, arg in SMALL],
     *[("default", None, t) for t in ("v4:2x2x1", "v5p:2x2x1", "v6e:2x2")],
-    *[("t5_c4", "tiny", t) for t in ("v4:2x2x1", "v5p:2x2x1", "v6e:2x2")]])
+    *[pytest.param("t5_c4", "tiny", t, marks=pytest.mark.slow)
+      for t in ("v4:2x2x1", "v5p:2x2x1", "v6e:2x2")]])
 def test_small_configs_train_step_compiles_for_every_generation(name, arg, topology):
   import importlib  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f"configs.{name}").get_config(arg)
