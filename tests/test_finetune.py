@@ -94,7 +94,9 @@ def _tiny_t5(variant):
   return c
 
 
-def test_t5_finetune_loads_the_vanilla_checkpoint_and_starts_as_that_model(tmp_path):
+def _saved_vanilla_t5(tmp_path, step: int):
+  """A tiny vanilla T5 run's workdir with one checkpoint at `step`: (config,
+  experiment, state, workdir)."""
   source = _tiny_t5("vanilla")
   src_exp = train.build_experiment(source)
   src_state = train.init_state(src_exp)
@@ -102,8 +104,13 @@ def test_t5_finetune_loads_the_vanilla_checkpoint_and_starts_as_that_model(tmp_p
   workdir.mkdir()
   (workdir / "config.json").write_text(train.config_json(source))
   saver = ckpt_lib.Checkpointer(str(workdir), save_every=1)
-  saver.save(7, src_state, force=True)
+  saver.save(step, src_state, force=True)
   saver.close()
+  return source, src_exp, src_state, workdir
+
+
+def test_t5_finetune_loads_the_vanilla_checkpoint_and_starts_as_that_model(tmp_path):
+  source, src_exp, src_state, workdir = _saved_vanilla_t5(tmp_path, step=7)
 
   c = _tiny_t5("finetune")
   c.finetune.update(dict(checkpoint=str(workdir), lora_rank=4, lora_targets="kernel$",
@@ -161,15 +168,7 @@ def test_t5_finetune_unties_the_output_with_lora_on_it(tmp_path):
   lm_head): the output kernel starts as the source's embedding, transposed, so the model
   starts as the source; it gets an adapter and stays frozen, and a trained adapter moves
   the output only, not the frozen input embedding."""
-  source = _tiny_t5("vanilla")
-  src_exp = train.build_experiment(source)
-  src_state = train.init_state(src_exp)
-  workdir = tmp_path / "vanilla"
-  workdir.mkdir()
-  (workdir / "config.json").write_text(train.config_json(source))
-  saver = ckpt_lib.Checkpointer(str(workdir), save_every=1)
-  saver.save(3, src_state, force=True)
-  saver.close()
+  source, src_exp, src_state, workdir = _saved_vanilla_t5(tmp_path, step=3)
 
   c = _tiny_t5("finetune")
   c.finetune.update(dict(checkpoint=str(workdir), lora_rank=4, lora_targets="kernel$",
