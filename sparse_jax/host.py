@@ -50,8 +50,12 @@ def use_cpu_without_accelerator() -> bool:
     os.environ["JAX_PLATFORMS"] = "cpu"
     return True
   import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  if jax.config.jax_platforms or xla_bridge.backends_are_initialized():
+  try:  # Private: whether a backend started (the option is read then, and only then).
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    started = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):
+    return False  # A JAX without it: leave the choice to the user.
+  if jax.config.jax_platforms or started:
     return False
   jax.config.update("jax_platforms", "cpu")
   return True

@@ -27,6 +27,7 @@ from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import config_schema, decoding, sharding, tpu, train
 from sparse_jax.errors import ConfigError
 from sparse_jax.kernels.tiles import Tiles, default_tiles
+from sparse_jax.transforms import lora
 
 GIB, MIB = 2**30, 2**20
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
@@ -145,11 +146,11 @@ def matmul_flops(jaxpr: Any) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
-      (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
-      lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
-      out = eqn.outvars[0].aval.shape
-      contracted = math.prod(lhs[d] for d in lhs_contract)
-      total += 2.0 * math.prod(out) * contracted
+      # Each output element is a dot over the contracted dimensions of the lhs.
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += (2.0 * math.prod(eqn.outvars[0].aval.shape)
+                * math.prod(lhs[d] for d in lhs_contract))
       continue
     times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
     for value in eqn.params.values():
@@ -166,7 +167,7 @@ def program_cost(name: str, lower: Callable[[], Any]) -> ProgramCost:
     lowered = lower()
   except ValueError as e:  # The kernels' own checks (tiles, SMEM), before compiling.
     raise CompileError(f"The {name} program cannot be built for TPU: "
-                       f"{str(e).replace(' Fix:', chr(10) + 'Fix:')}") from None
+                       f"{_fix_on_its_line(e)}") from None
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -241,7 +242,12 @@ def check_kernel_tiles(config: ml_collections.ConfigDict) -> None:
   try:
     (Tiles(*tiles) if tiles else default_tiles("tpu")).validate("tpu")
   except ValueError as e:
-    raise ConfigError(str(e).replace(" Fix:", "\nFix:")) from None
+    raise ConfigError(_fix_on_its_line(e)) from None
+
+
+def _fix_on_its_line(error: ValueError) -> str:
+  """The kernels' one-line ValueErrors as the CLI's two lines (problem, then 'Fix:')."""
+  return str(error).replace(" Fix:", "\nFix:")
 
 
 def lowered_programs(exp: train.Experiment) -> dict[str, Callable[[], Any]]:
@@ -275,7 +281,6 @@ def _decode(exp: train.Experiment, params: Any, batch: dict[str, Any]) -> Any:
   model = exp.model
 
   def generate(params, encoder_tokens):
-    from sparse_jax.transforms import lora  # pylint: disable=import-outside-toplevel
     params = lora.merge(params)
     return decoding.finish(model, params, decoding.start(
         model, params, encoder_tokens, settings), settings).tokens

@@ -3,7 +3,6 @@ v5e:2x2 mesh, `--compile_for` through the CLI, and the checks before any compile
 
 These run the real TPU compiler (libtpu, installed by the test extra) on this CPU host.
 """
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from sparse_jax.ops.mlp import MlpKernel, mlp
 
 import configs.default
 import configs.t5_c4
-import configs.vit_imagenet
 
 MOSAIC = 'custom_call_target="tpu_custom_call"'
 
