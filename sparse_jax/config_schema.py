@@ -32,8 +32,11 @@ def _common_config() -> ml_collections.ConfigDict:
 
   # The sparsity modules of Peng et al.; apply_variant() sets them as a group.
   c.sparsity = ml_collections.ConfigDict(dict(
-      activation="jsrelu",               # 'relu' | 'jsrelu' | 'mixed' | 's_shaped'
+      activation="jsrelu",               # 'relu' | 'jsrelu' | 'mixed' | 's_shaped' | 'gelu' | 'gelu_tanh'
       activation_mixing_steps=0,         # T_mix for 'mixed' (0 = direct swap).
+      # What 'mixed' mixes into J-SquaredReLU: 'relu' | 'gelu' (erf) | 'gelu_tanh' |
+      # 'jsrelu'; '' = the finetune source's activation (ReLU without a source).
+      mixing_source="",
       zeroth_bias_position="mlp_output",  # 'none' | 'mlp_output' (official code) | 'mlp_input' (paper)
       zeroth_bias_clipping=config_dict.placeholder(float),  # c of |b| <= c|gamma|; None = unclipped
       restricted_norm=True,              # Restrict the pre-MLP LayerNorm (projected scale):
@@ -165,6 +168,10 @@ def t5_config() -> ml_collections.ConfigDict:
       # embedding; a finetune from a tied run starts it as a copy of the embedding (the
       # official finetune: LoRA on HF's lm_head).
       tie_embeddings=True,
+      # Decoder output x 1/sqrt(d_model) before the output projection (v1.0; HF T5 iff
+      # tie_word_embeddings); False for T5 v1.1 / Flan-T5's untied head.
+      output_rescale=True,
+      gated_mlp=False,   # T5 v1.1 / Flan-T5: a = f(x wi) * (x wi_linear).
       dtype="float32"))
   c.dataset = "c4/en"   # 'c4/en' (tfds) | 'python_reference_text' (embedded)
   c.text = ml_collections.ConfigDict(dict(
@@ -304,6 +311,17 @@ def _validate_s_shaped(c: ml_collections.ConfigDict) -> None:
                       "Pallas kernels skip blocks where z < 0, which is not its flat "
                       f"region), but mlp_impl={c.mlp_impl!r}.\n"
                       "Fix: pass --config.mlp_impl=xla.")
+  s = c.sparsity
+  gelu = s.activation in ("gelu", "gelu_tanh") or (
+      s.activation == "mixed" and s.get("mixing_source") in ("gelu", "gelu_tanh"))
+  if gelu and c.mlp_impl != "xla":
+    raise ConfigError(f"sparsity.activation={s.activation!r} (from "
+                      f"{s.get('mixing_source') or s.activation!r}) is not zero for z < 0, "
+                      "which the Pallas kernels' block skipping needs, but "
+                      f"mlp_impl={c.mlp_impl!r}.\nFix: pass --config.mlp_impl=xla.")
+  if c.model.get("gated_mlp") and c.mlp_impl != "xla":
+    raise ConfigError("model.gated_mlp=True (T5 v1.1) runs only with mlp_impl='xla', but "
+                      f"mlp_impl={c.mlp_impl!r}.\nFix: pass --config.mlp_impl=xla.")
 
 
 def _on_tpu() -> bool:
@@ -466,8 +484,10 @@ RANGES: dict[str, Valid] = {
     # Common keys.
     "seed": integer(0, 2**31 - 1),
     "variant": one_of(*VARIANTS),
-    "sparsity.activation": one_of("relu", "jsrelu", "mixed", "s_shaped"),
+    "sparsity.activation": one_of("relu", "jsrelu", "mixed", "s_shaped", "gelu",
+                                  "gelu_tanh"),
     "sparsity.activation_mixing_steps": _COUNT,
+    "sparsity.mixing_source": one_of("", "relu", "gelu", "gelu_tanh", "jsrelu"),
     "sparsity.zeroth_bias_position": one_of("none", "mlp_output", "mlp_input"),
     "sparsity.zeroth_bias_clipping": number(0, low_open=True, optional=True),
     "sparsity.restricted_norm": boolean(),
@@ -550,6 +570,8 @@ RANGES: dict[str, Valid] = {
     "model.attention_dropout_rate": _PROBABILITY,
     "model.max_len": _POSITIVE,
     "model.tie_embeddings": boolean(),
+    "model.output_rescale": boolean(),
+    "model.gated_mlp": boolean(),
     "text.vocabulary_path": string(),
     "text.vocabulary_pieces": _POSITIVE,
     "text.inputs_length": _POSITIVE,

@@ -8,7 +8,7 @@ from sparse_jax.errors import ConfigError
 from sparse_jax.models.residual_mlp import ResidualMlp
 from sparse_jax.models.t5 import T5, T5Config
 from sparse_jax.models.vit import VisionTransformer
-from sparse_jax.ops.activations import Activation, SShaped
+from sparse_jax.ops.activations import Activation, SShaped, mixed
 from sparse_jax.ops.mlp import MlpKernel
 
 MODELS = ("vit", "t5", "residual_mlp")
@@ -47,6 +47,7 @@ def build_model(config: ml_collections.ConfigDict,
         activation=activation_spec(config),
         zeroth_bias_position=position, max_len=m.max_len,
         weight_noise=s.weight_noise, tie_embeddings=m.get("tie_embeddings", True),
+        output_rescale=m.get("output_rescale", True), gated_mlp=m.get("gated_mlp", False),
         dtype=jnp.dtype(m.dtype), mlp_kernel=kernel))
   if m.name == "residual_mlp":
     return ResidualMlp(num_classes=config.num_classes, width=m.width,
@@ -56,12 +57,15 @@ def build_model(config: ml_collections.ConfigDict,
 
 
 def activation_spec(config: ml_collections.ConfigDict) -> Activation:
-  """`config.sparsity.activation` as the MLP op takes it: the name, or for 's_shaped'
-  an `SShaped` carrying its shifts and half-width."""
+  """`config.sparsity.activation` as the MLP op takes it: the name, for 's_shaped' an
+  `SShaped` carrying its shifts and half-width, for 'mixed' the mixture from
+  `sparsity.mixing_source` (ReLU when unset)."""
   s = config.sparsity
   if s.activation == "s_shaped":
     return SShaped(shift_x=float(s.s_shaped_shift_x), shift_y=float(s.s_shaped_shift_y),
                    half_width=float(s.s_shaped_half_width))
+  if s.activation == "mixed":
+    return mixed(s.get("mixing_source") or "relu")
   return s.activation
 
 

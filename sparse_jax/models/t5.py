@@ -1,4 +1,5 @@
-"""T5 encoder-decoder in the v1.0 layout (Raffel et al. 2020), with sparsity-aware MLPs.
+"""T5 encoder-decoder in the v1.0 layout (Raffel et al. 2020), with sparsity-aware MLPs,
+and the v1.1 / Flan-T5 variant (gated GELU MLPs, untied output without the rescale).
 
 v1.0 = ReLU feed-forward blocks without biases, RMS layer norm (scale only) before every
 sublayer, relative position buckets shared by the layers of a stack, and input/output
@@ -28,6 +29,7 @@ Parameter layout (paths the projections and metrics rely on):
                      mlp_norm, mlp}
   decoder/final_norm
   lm_head/kernel                                    [embed, vocab] (untied only)
+  .../mlp/{wi, wo}/kernel, and wi_linear/kernel     (gated only: wi is the gate)
 """
 import dataclasses
 from typing import Any
@@ -121,6 +123,11 @@ class T5Config:
   # (initialised as the embedding, and with the same 1/sqrt(d_model) rescale), as in the
   # official finetune, whose LoRA on HF's `lm_head` unties it from the frozen embedding.
   tie_embeddings: bool = True
+  # The decoder output times 1/sqrt(d_model) before the output projection: T5 v1.0 (and
+  # HF T5 whenever tie_word_embeddings is set); T5 v1.1 / Flan-T5 (untied) do not.
+  output_rescale: bool = True
+  # a = f(x wi) * (x wi_linear): T5 v1.1 / Flan-T5's gated-GELU feed-forward blocks.
+  gated_mlp: bool = False
   dtype: Dtype = jnp.float32
   mlp_kernel: MlpKernel = MlpKernel()  # How the MLP op runs ('xla' | 'pallas', tiles).
 
@@ -144,7 +151,7 @@ def _mlp(cfg: T5Config) -> SparseMlp:
       dropout_rate=cfg.dropout_rate,
       kernel_init=nn.initializers.normal(cfg.d_model ** -0.5),
       out_init=nn.initializers.normal(cfg.d_ff ** -0.5), mlp_kernel=cfg.mlp_kernel,
-      name="mlp")
+      gated=cfg.gated_mlp, name="mlp")
 
 
 def _position_bias(cfg: T5Config, bidirectional: bool) -> RelativePositionBias:
@@ -256,7 +263,7 @@ def _key_mask(encoder_tokens: jax.Array) -> jax.Array:
 
 
 class T5(nn.Module):
-  """T5 v1.0 encoder-decoder.
+  """T5 v1.0 (or, with `gated_mlp` and untied `output_rescale=False`, v1.1) encoder-decoder.
 
   `__call__(encoder_tokens [B, Li], decoder_tokens [B, Lt], train=...)` returns logits
   [B, Lt, vocab_size] in float32. Token id 0 is padding (and the decoder start token).
@@ -306,8 +313,10 @@ class T5(nn.Module):
         deterministic=not train, mixing=mixing, decode_length=decode_length,
         sparse_mlp=sparse_mlp)
     # T5 v1.0 (tied embeddings) rescales the decoder output by 1/sqrt(d_model); HF keeps
-    # the rescale when a LoRA layer replaces the tied lm_head, and so does the untied head.
-    decoded = decoded * cfg.d_model ** -0.5
+    # the rescale when a LoRA layer replaces the tied lm_head, and so does the untied head
+    # started from it. T5 v1.1's own untied head has no rescale (output_rescale=False).
+    if cfg.output_rescale:
+      decoded = decoded * cfg.d_model ** -0.5
     if cfg.tie_embeddings:
       logits = self.token_embedder.attend(decoded)
     else:

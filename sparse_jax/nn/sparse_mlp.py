@@ -4,7 +4,12 @@
 
 b0 is the zeroth bias (one learnable row per token position, zero-initialised), added
 either to the MLP input ('mlp_input', the follow-up paper's text) or to its output
-('mlp_output', the official code). f is ReLU, J-SquaredReLU or their mixture.
+('mlp_output', the official code). f is ReLU, GELU, J-SquaredReLU or a mixture.
+
+Gated (T5 v1.1, Flan-T5): a = f(x W1) * (x W1') with a second, linear input kernel W1'
+(`wi_linear`); W1 (`wi`) is the gate, so z, f'(z) and dL/dz are the gate's and the
+observed activation a is the product (what the second matmul reads, whose zeros are
+the skippable work).
 
 Observation hooks cost nothing unless asked for:
 * `sow('intermediates', 'z' | 'a' | 'x' | 'derivative' | 'w1' | 'w2', ...)` stores
@@ -24,7 +29,7 @@ from sparse_jax.ops import mlp as mlp_op
 from sparse_jax.ops import weight_noise
 from sparse_jax.ops.mlp_decode import mlp_decode
 from sparse_jax.ops.activations import (Activation, activation_derivative,
-                                         apply_activation)
+                                         apply_activation, zero_below_zero)
 
 Dtype = Any
 ZerothBiasPosition = Literal["mlp_input", "mlp_output"]
@@ -45,6 +50,7 @@ class SparseMlp(nn.Module):
     dropout_rate: dropout on the activations a (T5), after they are observed.
     kernel_init: init of W1 (and of W2 unless `out_init` is given).
     mlp_kernel: how the fused MLP op runs (`impl` 'xla' | 'pallas', tiles, mesh).
+    gated: a = f(x W1) * (x W1_linear) (T5 v1.1); runs as plain jnp (impl 'xla').
   """
   d_ff: int
   activation: Activation = "relu"
@@ -57,6 +63,7 @@ class SparseMlp(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
   out_init: nn.initializers.Initializer | None = None
   mlp_kernel: mlp_op.MlpKernel = mlp_op.MlpKernel()
+  gated: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
@@ -99,6 +106,11 @@ class SparseMlp(nn.Module):
     x = x.astype(self.dtype)
     w1, b1 = DenseParams(self.d_ff, ("embed", "mlp"), self.use_bias, self.kernel_init,
                          name="wi")(d_model)
+    linear = None
+    if self.gated:
+      w1_linear, b1_linear = DenseParams(self.d_ff, ("embed", "mlp"), self.use_bias,
+                                         self.kernel_init, name="wi_linear")(d_model)
+      linear = _pre_activation(x, w1_linear, b1_linear, None, self.dtype)
     w2, b2 = DenseParams(d_model, ("mlp", "embed"), self.use_bias,
                          self.out_init or self.kernel_init, name="wo")(self.d_ff)
     hidden_shape = x.shape[:-1] + (self.d_ff,)
@@ -109,6 +121,8 @@ class SparseMlp(nn.Module):
       # x W1 when the op is the jnp one). Dropout comes after observation.
       z = jax.lax.stop_gradient(_pre_activation(x, w1, b1, z_offset, self.dtype))
       a = apply_activation(self.activation, z, mixing)
+      if linear is not None:
+        a = a * jax.lax.stop_gradient(linear)
       self.sow("intermediates", "z", z)
       self.sow("intermediates", "a", a)
       # For the theory metrics (`metrics.flatness_metrics`, `spectral_metrics`): the
@@ -123,8 +137,16 @@ class SparseMlp(nn.Module):
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,
                                   hidden_shape)
     cast = lambda p: None if p is None else p.astype(self.dtype)
-    if sparse_decode:
-      if not isinstance(self.activation, str) or z_offset is not None or keep is not None:
+    if linear is not None:
+      if sparse_decode or self.mlp_kernel.impl != "xla":
+        raise ValueError("A gated MLP runs only as plain jnp (mlp_impl='xla', no "
+                         "sparse_decode).\nFix: pass --config.mlp_impl=xla and decode "
+                         "with sparse_mlp=False.")
+      y = _gated_mlp(x, cast(w1), cast(b1), cast(w2), cast(b2), linear, self.activation,
+                     mixing, z_offset, keep, self.dropout_rate)
+    elif sparse_decode:
+      if (not zero_below_zero(self.activation) or z_offset is not None
+          or keep is not None):
         raise ValueError(
             f"sparse_decode needs a deterministic call without probes and a named "
             f"activation ('relu', 'jsrelu', 'mixed'); got activation={self.activation!r}, "
@@ -164,6 +186,21 @@ class SparseMlp(nn.Module):
                                               self.weight_noise[0], rng)
       offset = noise if offset is None else offset + noise
     return offset
+
+
+def _gated_mlp(x, w1, b1, w2, b2, linear, activation, mixing, z_offset, keep,
+               dropout_rate):
+  """f(x W1 + b1 + z_offset) * linear, dropped out, times W2, plus b2 (plain jnp)."""
+  z = jnp.dot(x, w1, preferred_element_type=jnp.float32).astype(x.dtype)
+  if b1 is not None:
+    z = z + b1
+  if z_offset is not None:
+    z = z + z_offset
+  a = apply_activation(activation, z, mixing) * linear
+  if keep is not None:
+    a = jnp.where(keep, a / (1.0 - dropout_rate), jnp.zeros_like(a))
+  y = jnp.dot(a, w2, preferred_element_type=jnp.float32).astype(x.dtype)
+  return y if b2 is None else y + b2
 
 
 def _pre_activation(x, w1, b1, z_offset, dtype):

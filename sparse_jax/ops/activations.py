@@ -1,5 +1,6 @@
-"""MLP activations: ReLU, J-SquaredReLU, the ReLU -> JSReLU mixture, and the shifted
-S-shaped activation of the papers' validation experiment.
+"""MLP activations: ReLU, GELU, J-SquaredReLU, the mixtures that bridge a pretrained
+activation to JSReLU while finetuning, and the shifted S-shaped activation of the papers'
+validation experiment.
 
 J-SquaredReLU (Peng et al., arXiv 2309.03004) is f(z) = (z^2/2 + z) * 1[z >= 0]. Its
 derivative (z + 1) * 1[z >= 0] is 1 at z = 0 and jumps from 0 just below it: a unit that
@@ -12,8 +13,12 @@ from typing import Literal, Union
 import jax
 import jax.numpy as jnp
 
-ActivationName = Literal["relu", "jsrelu", "mixed"]
-ACTIVATIONS: tuple[str, ...] = ("relu", "jsrelu", "mixed")
+ActivationName = Literal["relu", "jsrelu", "mixed", "gelu", "gelu_tanh"]
+ACTIVATIONS: tuple[str, ...] = ("relu", "jsrelu", "mixed", "gelu", "gelu_tanh")
+# Activations a finetune can start from: 'gelu' is the exact (erf) GELU of HF's "gelu"
+# (HF ViT), 'gelu_tanh' the tanh approximation of HF's "gelu_new" (T5 v1.1, Flan-T5) and
+# of flax's nn.gelu (big_vision / vision_transformer ViTs).
+SOURCE_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "jsrelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +37,31 @@ class SShaped:
   half_width: float = 1.5
 
 
-# What every function taking an activation accepts: a name, or a parametrised SShaped.
-Activation = Union[ActivationName, SShaped]
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+  """(1 - k) source(z) + k jsrelu(z): the finetuning bridge from a checkpoint whose MLPs
+  use `source` ('relu', 'gelu', 'gelu_tanh'). `Mixed("relu")` is the name 'mixed'."""
+  source: str = "relu"
+
+
+# What every function taking an activation accepts: a name, or a parametrised SShaped
+# or Mixed.
+Activation = Union[ActivationName, SShaped, Mixed]
+
+
+def mixed(source: str) -> Activation:
+  """The mixed activation from `source`: the name 'mixed' for ReLU (what the block-sparse
+  kernels take), else a `Mixed`."""
+  if source not in SOURCE_ACTIVATIONS:
+    raise ValueError(f"Cannot mix from activation {source!r}; expected one of "
+                     f"{SOURCE_ACTIVATIONS}.")
+  return "mixed" if source == "relu" else Mixed(source)
+
+
+def zero_below_zero(activation: Activation) -> bool:
+  """Whether f(z) and f'(z) are 0 for every z < 0 (ReLU, JSReLU and their mixture): the
+  premise of the block-sparse kernels and of sparse decoding. GELU is not."""
+  return activation in ("relu", "jsrelu", "mixed") or activation == Mixed("relu")
 
 
 def relu(z: jax.Array) -> jax.Array:
@@ -53,10 +81,20 @@ def jsrelu(z: jax.Array) -> jax.Array:
   return jnp.where(z >= 0, z * z / 2 + z, jnp.zeros_like(z))
 
 
-def mixed_activation(z: jax.Array, k: jax.Array | float) -> jax.Array:
-  """(1 - k) relu(z) + k jsrelu(z): the finetuning bridge from a ReLU checkpoint."""
+def gelu(z: jax.Array) -> jax.Array:
+  """z * Phi(z), exact (erf): HF's "gelu"."""
+  return jax.nn.gelu(z, approximate=False)
+
+
+def gelu_tanh(z: jax.Array) -> jax.Array:
+  """GELU's tanh approximation: HF's "gelu_new", flax's `nn.gelu` default."""
+  return jax.nn.gelu(z, approximate=True)
+
+
+def mixed_activation(z: jax.Array, k: jax.Array | float, source: str = "relu") -> jax.Array:
+  """(1 - k) source(z) + k jsrelu(z): the finetuning bridge from a `source` checkpoint."""
   k = jnp.asarray(k, z.dtype)
-  return (1 - k) * relu(z) + k * jsrelu(z)
+  return (1 - k) * apply_activation(source, z) + k * jsrelu(z)
 
 
 def mixing_coefficient(step: jax.Array | int, mixing_steps: int) -> jax.Array:
@@ -80,15 +118,22 @@ def s_shaped(z: jax.Array, spec: SShaped = SShaped()) -> jax.Array:
 
 def apply_activation(name: Activation, z: jax.Array,
                      k: jax.Array | float = 1.0) -> jax.Array:
-  """Applies the activation `name` (or an SShaped); `k` is the JSReLU share of 'mixed'."""
+  """Applies the activation `name` (or an SShaped / Mixed); `k` is the JSReLU share of
+  the mixtures."""
   if isinstance(name, SShaped):
     return s_shaped(z, name)
+  if isinstance(name, Mixed):
+    return mixed_activation(z, k, name.source)
   if name == "relu":
     return relu(z)
   if name == "jsrelu":
     return jsrelu(z)
   if name == "mixed":
     return mixed_activation(z, k)
+  if name == "gelu":
+    return gelu(z)
+  if name == "gelu_tanh":
+    return gelu_tanh(z)
   raise ValueError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.")
 
 
@@ -102,6 +147,12 @@ def activation_derivative(name: Activation, z: jax.Array,
     return (jnp.where(u > w, 2 * (u - w), zero) + jnp.where(u < -w, -2 * (u + w), zero))
   relu_grad = jnp.where(z > 0, one, zero)
   jsrelu_grad = jnp.where(z >= 0, z + 1, zero)
+  if name in ("gelu", "gelu_tanh"):
+    # Elementwise, so the derivative of the sum is f'(z) per element.
+    return jax.grad(lambda v: jnp.sum(apply_activation(name, v)))(z)
+  if isinstance(name, Mixed):
+    k = jnp.asarray(k, z.dtype)
+    return (1 - k) * activation_derivative(name.source, z) + k * jsrelu_grad
   if name == "relu":
     return relu_grad
   if name == "jsrelu":

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from sparse_jax.kernels import sparse_mlp_gpu, sparse_mlp_reference, sparse_mlp_tpu
 from sparse_jax.kernels.block_mask import INACTIVE, block_mask, is_active
 from sparse_jax.kernels.tiles import IDENTITY, HiddenMap, Tiles, default_tiles
-from sparse_jax.ops.activations import Activation, SShaped, apply_activation
+from sparse_jax.ops.activations import Activation, apply_activation, zero_below_zero
 
 MlpImplName = Literal["xla", "pallas"]
 MLP_IMPLS = ("xla", "pallas")
@@ -218,8 +218,8 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
     w1, b1: first layer [d_model, d_ff] and bias [d_ff] (or None).
     w2, b2: second layer [d_ff, d_model] and bias [d_model] (or None).
     activation: 'relu', 'jsrelu' or 'mixed' ((1 - k) relu + k jsrelu, k = `mixing`),
-      or an `SShaped` (impl 'xla' only: its flat region is not at z < 0, so the
-      kernels' block masks do not apply).
+      or an `SShaped`, GELU or a mixture from GELU (impl 'xla' only: they are not zero
+      for z < 0, so the kernels' block masks do not apply).
     z_offset: optional [..., d_ff] term added to z; its gradient is dL/dz.
     dropout_keep: optional bool [..., d_ff] mask of kept units (None = no dropout);
       kept activations are scaled by 1 / (1 - dropout_rate).
@@ -236,9 +236,9 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
   if kernel.impl == "xla":
     static = _Static(activation, scale, Tiles(1, 1, 1), "xla", False)
     return _xla_mlp(static, x, w1, b1, z_offset, dropout_keep, w2, b2, mixing)
-  if isinstance(activation, SShaped):
-    raise ValueError("The S-shaped activation runs only with impl='xla': the Pallas "
-                     "kernels skip blocks where z < 0, which is not its flat region.")
+  if not zero_below_zero(activation):
+    raise ValueError(f"Activation {activation!r} runs only with impl='xla': the Pallas "
+                     "kernels skip blocks where z < 0, which is not its zero region.")
   static = _Static(activation, scale, kernel.resolved_tiles(), kernel.resolved_backend(),
                    kernel.resolved_interpret())
 
