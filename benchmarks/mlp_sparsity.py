@@ -442,7 +442,7 @@ def collect(workdir: str, *, batches: int, eval_batch_size: int | None,
   """Restores `workdir`'s latest params and collects per-layer activity on eval data."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from sparse_jax import finetune, metrics, tasks, train  # pylint: disable=g-import-not-at-top
+  from sparse_jax import metrics, pretrained, tasks, train  # pylint: disable=g-import-not-at-top
   from sparse_jax.ops.activations import mixing_coefficient  # pylint: disable=g-import-not-at-top
   from sparse_jax.transforms import lora  # pylint: disable=g-import-not-at-top
 
@@ -450,12 +450,10 @@ def collect(workdir: str, *, batches: int, eval_batch_size: int | None,
   if eval_batch_size:
     config.eval_batch_size = eval_batch_size
   exp = train.build_experiment(config)
-  # finetune's restore reads just the params of a workdir: point it at this one.
-  source = load_config(workdir)
-  source.finetune.checkpoint, source.finetune.checkpoint_step = workdir, -1
-  step = finetune.source_step(source)
-  flat = finetune.load_source_params(source, exp.state_shapes.params,
-                                     exp.state_shardings.params)
+  # A finetune source reads just the params of a workdir: point one at this run.
+  source = pretrained.native.NativeSource(workdir)
+  step = source.checkpoint_step()
+  flat = source.read_params(exp.state_shapes.params, exp.state_shardings.params)
   params = jax.device_get(lora.merge(traverse_util.unflatten_dict(flat)))
   activation = config.sparsity.activation
   mixing = float(mixing_coefficient(step, config.sparsity.activation_mixing_steps))

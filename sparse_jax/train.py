@@ -25,8 +25,8 @@ import optax
 from flax import struct, traverse_util
 
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import (config_schema, finetune, metric_log, metrics, run_files,
-                        sharding, tasks)
+from sparse_jax import (config_schema, finetune, metric_log, metrics, pretrained,
+                        run_files, sharding, tasks)
 from sparse_jax.run_files import (BEFORE_FILE, CONFIG_FILE, EXPORT_DIR, SUMMARY_FILE,
                                   read_json, workdir_path, write_json_atomic)
 from sparse_jax.errors import ConfigError
@@ -147,6 +147,7 @@ class Experiment:
   boxed_params: Any          # Abstract params with logical axis names.
   state_shapes: TrainState   # Abstract train state.
   state_shardings: TrainState
+  source: pretrained.Source | None = None  # The finetune source (None from scratch).
 
   @property
   def num_params(self) -> int:
@@ -170,9 +171,14 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 
 
 def build_experiment(config: ml_collections.ConfigDict,
-                     mesh: jax.sharding.Mesh | None = None) -> Experiment:
-  """Model, optimizer, mesh and the abstract, sharded train state (no compile, no data)."""
+                     mesh: jax.sharding.Mesh | None = None,
+                     source: pretrained.Source | None = None) -> Experiment:
+  """Model, optimizer, mesh and the abstract, sharded train state (no compile, no data).
+
+  `source`: the finetune source `config` was configured with (`finetune.configured`);
+  by default resolved from `finetune.checkpoint` (its files are not read here)."""
   config_schema.validate(config)
+  source = source if source is not None else finetune.source(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
   task = tasks.task_for(config)
   model = build_model(config, mesh)
@@ -189,7 +195,7 @@ def build_experiment(config: ml_collections.ConfigDict,
   step = jax.ShapeDtypeStruct((), jnp.int32)
   return Experiment(config, task, model, tx, mesh, boxed,
                     TrainState(step, params, opt_shapes),
-                    TrainState(replicated, param_shardings, opt_shardings))
+                    TrainState(replicated, param_shardings, opt_shardings), source)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, opt_shapes: Any,
@@ -208,9 +214,8 @@ def init_state(exp: Experiment) -> TrainState:
   source run's params replace their initial values and LoRA factors are added."""
   config = exp.config
   source = None
-  if finetune.enabled(config):
-    source = finetune.load_source_params(config, exp.state_shapes.params,
-                                         exp.state_shardings.params)
+  if exp.source is not None:
+    source = exp.source.read_params(exp.state_shapes.params, exp.state_shardings.params)
   splits = (finetune.lora_splits(config, exp.boxed_params)
             if config.finetune.lora_rank > 0 else {})
 
@@ -423,7 +428,6 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.M
   check_batch_sizes(config, mesh)
   check_workdir(workdir, config)
   check_data_dir(config)
-  finetune.check_source(config)
   return mesh
 
 
@@ -482,6 +486,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is kept).
   """
   start_time = time.time()
+  # The finetune source, resolved once: it decides the model config (ConfigError first).
+  config, source = finetune.configured(config)
   mesh = preflight(config, workdir)
   root = workdir_path(workdir)
   summary_path = root / SUMMARY_FILE
@@ -499,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pipeline.prepare_dataset(config)
     multihost_utils.sync_global_devices("sparse_jax: dataset prepared")
   pipeline.prepare_dataset(config)
-  exp = build_experiment(config, mesh)
+  exp = build_experiment(config, mesh, source)
 
   is_chief = jax.process_index() == 0
   root.mkdir(parents=True, exist_ok=True)
@@ -518,7 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(jax.device_get(state.step))
   eval_step = make_eval_step(exp)
   before = read_json(root / BEFORE_FILE)
-  if finetune.enabled(config) and latest is None:
+  if source is not None and latest is None:
     # The starting point, evaluated by the finetune model itself (with the mixed
     # activation at k = 0 that is exactly the source model).
     before = evaluate(exp, eval_step, state.params, state.step)
@@ -631,11 +637,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              **{f"train/{k}": v for k, v in train_scalars.items()},
              **{f"before_finetuning/eval/{k}": v for k, v in (before or {}).items()},
              "config": json.loads(config_json(config))}
-  if lora.has_adapters(state.params):
-    # LoRA merged back into plain weights: loadable by the model without sparse_jax.
-    export = root / EXPORT_DIR
-    ckpt_lib.export_params(export, jax.jit(lora.merge)(state.params))
-    summary["export_dir"] = str(export)
+  if source is not None:
+    # LoRA merged back into plain weights, in the source's layout: loadable without
+    # sparse_jax's LoRA code (an orbax tree, or e.g. a HF directory).
+    summary["export_dir"] = source.export(jax.jit(lora.merge)(state.params), config,
+                                          str(root / EXPORT_DIR))
   if is_chief:
     write_json_atomic(summary_path, summary)
   writer.close()

@@ -1,0 +1,47 @@
+"""Finetune sources: the pretrained model a finetune starts from, resolved once.
+
+`resolve(checkpoint, step)` turns `--config.finetune.checkpoint` into a `base.Source`:
+`<format>:<path>` names the format, a bare path is detected from its files. Formats:
+
+  native  a sparse_jax run's workdir (config.json + orbax checkpoints)   native.py
+  hf      a Hugging Face T5 directory (config.json + model.safetensors)  hf_t5.py
+
+The trainer asks the source for its model config (`configure`), its params
+(`read_params`) and to write the finetuned model back in its layout (`export`); a new
+format is a new module here plus one line in FORMATS.
+"""
+from sparse_jax.errors import ConfigError
+from sparse_jax.pretrained import hf_t5, native
+from sparse_jax.pretrained.base import Source
+
+FORMATS: dict[str, type[Source]] = {"native": native.NativeSource, "hf": hf_t5.HfT5Source}
+# Detection order for a bare path: the first whose test accepts the files wins.
+_DETECT = ((hf_t5.is_hf_t5, hf_t5.HfT5Source), (native.is_workdir, native.NativeSource))
+
+
+def split_format(checkpoint: str) -> tuple[str | None, str]:
+  """('hf', '/p') for 'hf:/p'; (None, path) for a bare path (gs://... included)."""
+  head, sep, rest = checkpoint.partition(":")
+  if sep and not rest.startswith("//") and head in FORMATS:
+    return head, rest
+  if sep and not rest.startswith("//") and "/" not in head and len(head) > 1:
+    raise ConfigError(f"finetune.checkpoint={checkpoint!r}: unknown format {head!r}.\n"
+                      f"Fix: prefix the path with one of {', '.join(FORMATS)} (e.g. "
+                      "hf:/path/to/t5-base), or give the bare path.")
+  return None, checkpoint
+
+
+def resolve(checkpoint: str, step: int = -1) -> Source:
+  """The source `checkpoint` names (`format:path`, or a path detected from its files;
+  a path that matches no format is taken as a sparse_jax workdir, whose checks then
+  say what is missing)."""
+  fmt, location = split_format(checkpoint)
+  if fmt is not None:
+    return FORMATS[fmt](location, step)
+  for accepts, kind in _DETECT:
+    if accepts(location):
+      return kind(location, step)
+  return native.NativeSource(location, step)
+
+
+__all__ = ["FORMATS", "Source", "resolve", "split_format"]
