@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from flax.core import FrozenDict
 
 ACTIVE_THRESHOLD = 1e-6
 GRADIENT_THRESHOLDS = (1e-9, 1e-6, 1e-3)
@@ -31,6 +32,15 @@ def _natural_key(path: tuple[str, ...]) -> list:
 STACK_MARKER = "stack_marker"
 
 
+def plain_tree(tree: Mapping[Any, Any]) -> Mapping[str, Any]:
+  """A Linen collection as it is; a Flax NNX `State` (what `nnx.capture` and
+  `nnx.grad` return) as nested dicts with str keys holding its Variables' values."""
+  if isinstance(tree, (dict, FrozenDict)):
+    return tree
+  return {str(k): plain_tree(v) if isinstance(v, Mapping) else
+          (v.get_value() if hasattr(v, "get_value") else v) for k, v in tree.items()}
+
+
 def mlp_blocks(tree: Mapping[str, Any], leaf_names: tuple[str, ...]
                ) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
   """[(module path, {leaf: value})] for every module holding all of `leaf_names`.
@@ -38,8 +48,9 @@ def mlp_blocks(tree: Mapping[str, Any], leaf_names: tuple[str, ...]
   Sown values are tuples (one entry per call); the last call's value is used. A block
   stacked by nn.scan (its STACK_MARKER has shape [layers], or [n, m] for nested scans)
   becomes one entry per layer, path + ('0',), path + ('1',), ...
+  `tree` may be an NNX State (`plain_tree`).
   """
-  flat = traverse_util.flatten_dict(dict(tree))
+  flat = traverse_util.flatten_dict(dict(plain_tree(tree)))
   modules: dict[tuple[str, ...], dict[str, Any]] = {}
   for path, value in flat.items():
     if path[-1] in leaf_names or path[-1] == STACK_MARKER:
@@ -268,8 +279,9 @@ def parameter_metrics(params: Mapping[str, Any],
   Paths are suffixes, or regexes as in `transforms.projections.ProjectionRule` (for
   a model from `sparsify`: `r"(^|/)zeroth_bias$"` and a regex on the names of the MLP
   block's sibling modules, e.g. `r"(?i)norm"`; the norms are then those feeding the
-  zeroth-biased MLPs).
+  zeroth-biased MLPs). `params` may be an NNX State (`nnx.state(model, nnx.Param)`).
   """
+  params = plain_tree(params)
   flat = traverse_util.flatten_dict(dict(params))
   masks = None if stacks is None else {s: None for s in stacks}
   if isinstance(zeroth_bias_path, str) or isinstance(norm_scale_path, str):

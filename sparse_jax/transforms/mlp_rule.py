@@ -158,3 +158,25 @@ def looks_like_mlp(calls: list[DenseCall]) -> bool:
   return any(second.inputs is not first.outputs and second.inputs is not first.inputs
              and _shape(second.inputs) == _shape(first.outputs)
              for first, second in zip(calls, calls[1:]))
+
+
+def contraction_axes(kernel_shape: tuple[int, ...], input_shape: tuple[int, ...] | None,
+                     output_shape: tuple[int, ...] | None = None) -> int | None:
+  """How many of the input's last axes a dense-like kernel contracts, or None.
+
+  A module is dense-like when its params are a `kernel` (and optionally a `bias`) and
+  it computes a contraction of its input's last k axes with the kernel's first k:
+  kernel [*in, *out] with in == input_shape[-k:], output [..., *out]. This is what
+  nn.Dense, nn.DenseGeneral (axis=-1 or trailing axes) and the dense classes other
+  codebases write for themselves (t5x's `DenseGeneral`) do. `output_shape` None checks
+  the input side only (before the call). The smallest such k is returned.
+  """
+  if input_shape is None or len(kernel_shape) < 2:
+    return None
+  for k in range(1, min(len(input_shape), len(kernel_shape) - 1) + 1):
+    if tuple(kernel_shape[:k]) != tuple(input_shape[-k:]):
+      continue
+    if output_shape is None or tuple(output_shape) == (
+        tuple(input_shape[:-k]) + tuple(kernel_shape[k:])):
+      return k
+  return None

@@ -18,12 +18,15 @@ block). See `resolve`.
 function `project(params, step, rule)` is there for code that updates params itself.
 All of them take params with or without Flax's partitioning boxes
 (`nn.with_logical_partitioning` -> `nn.LogicallyPartitioned`, `nn.Partitioned`): the
-rule reads the values inside, and what comes back is boxed as what went in.
+rule reads the values inside, and what comes back is boxed as what went in. They also
+take Flax NNX `State` trees (what `nnx.Optimizer` hands its optax transformation; keys
+are compared as strings, so a list index 0 is the path part '0').
 """
 import dataclasses
 import re
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, Mapping, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,14 +78,47 @@ def _is_box(value: Any) -> bool:
   return isinstance(value, nn.meta.AxisMetadata)
 
 
+def _is_plain(params: Params) -> bool:
+  """A Linen params tree (dicts); otherwise a Flax NNX `State` (keys may be ints, the
+  leaves `nnx.Variable`s or their values)."""
+  return isinstance(params, (dict, flax.core.FrozenDict))
+
+
+def _walk(tree: Mapping, prefix: Path = ()):
+  """(path with str keys, leaf) of a nested Mapping (an NNX State); Variables unwrapped."""
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _walk(value, prefix + (str(key),))
+    else:
+      yield prefix + (str(key),), (value.get_value() if hasattr(value, "get_value")
+                                   else value)
+
+
+def _rebuild(like: Mapping, values: dict[Path, Any], prefix: Path = ()) -> Any:
+  """`like`'s structure (State, Variables) holding `values` by str path."""
+  out = {}
+  for key, value in like.items():
+    path = prefix + (str(key),)
+    if isinstance(value, Mapping):
+      out[key] = _rebuild(value, values, path)
+    else:
+      out[key] = value.replace(values[path]) if hasattr(value, "get_value") else values[path]
+  return type(like)(out)
+
+
 def _flat(params: Params) -> dict[Path, Any]:
-  """The params by path, their values out of any partitioning boxes."""
+  """The params by path, their values out of any partitioning boxes (or NNX
+  Variables)."""
+  if not _is_plain(params):
+    return dict(_walk(params))
   return {p: v.unbox() if _is_box(v) else v
           for p, v in traverse_util.flatten_dict(dict(params)).items()}
 
 
 def _boxed_like(values: dict[Path, Any], like: Params) -> Params:
   """`values` (by path) as a tree, each leaf in the box its path has in `like`."""
+  if not _is_plain(like):
+    return _rebuild(like, values)
   raw = traverse_util.flatten_dict(dict(like))
   return traverse_util.unflatten_dict(
       {p: raw[p].replace_boxed(v) if _is_box(raw.get(p)) else v for p, v in values.items()})
@@ -167,7 +203,7 @@ def resolve(params: Params, rule: ProjectionRule
     if rule.zeroth_bias_clipping is not None and not biases:
       raise ValueError(f"The projection rule found no zeroth bias (pattern "
                        f"{rule.zeroth_bias_path!r}) in the params, whose top-level keys "
-                       f"are {sorted(params)}.\nFix: sparsify the model with a zeroth "
+                       f"are {sorted(map(str, params))}.\nFix: sparsify the model with a zeroth "
                        "bias or turn clipping off (zeroth_bias_clipping=None).")
     if rule.norm_projection is not None and not norms:
       raise ValueError(f"The projection rule found no restricted norm (pattern "

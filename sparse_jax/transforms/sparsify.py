@@ -11,7 +11,8 @@ parameter tree is the model's own, plus one `zeroth_bias` leaf per MLP block) an
 it under `nn.intercept_methods`. The interceptor (`sparsify_block.BlockInterceptor`)
 watches the calls of modules the rule matches (`mlp_rule.MlpRule`; default: classes
 named `MlpBlock`, `MLPBlock`, `Mlp`, `MLP`, `FeedForward`) and rewrites each matched
-block's direct `nn.Dense` / `nn.DenseGeneral` calls: plain blocks (Dense -> f -> Dense)
+block's direct dense calls (`nn.Dense`, `nn.DenseGeneral`, or its own dense class, as
+t5x's, recognised by its kernel / bias params; or `dense_types=`): plain blocks (Dense -> f -> Dense)
 and gated ones (Dense, Dense -> f(gate) * up -> Dense) get the chosen activation on
 the gate, the zeroth bias, weight noise, probes and sown values; see that module.
 
@@ -28,12 +29,14 @@ init/apply time, listing the modules that look like MLP blocks.
 """
 import flax.linen as nn
 import jax
+from flax import nnx
 
 from sparse_jax.nn.sparse_mlp import ZEROTH_BIAS_POSITIONS, ZerothBiasPosition
 from sparse_jax.ops.activations import ACTIVATIONS, ActivationName
 from sparse_jax.transforms.mlp_rule import Match, MlpRule, mlp_rule
 from sparse_jax.transforms.sparsify_block import (ZEROTH_BIAS, ZEROTH_BIAS_INDEX,
                                                   BlockInterceptor, RootState)
+from sparse_jax.transforms.sparsify_nnx import sparsify_nnx
 
 __all__ = ["Sparsified", "sparsify", "ZEROTH_BIAS", "ZEROTH_BIAS_INDEX",
            "DEFAULT_GATE_PATTERN"]
@@ -58,6 +61,7 @@ class Sparsified(nn.Module):
   match: MlpRule = MlpRule()
   gate: str | None = DEFAULT_GATE_PATTERN
   observe: bool = True
+  dense_types: tuple[type, ...] | None = None
 
   def setup(self):
     nn.share_scope(self, self.module)
@@ -89,21 +93,29 @@ class Sparsified(nn.Module):
     return out
 
 
-def sparsify(module: nn.Module, *, activation: ActivationName = "jsrelu",
+def sparsify(module: nn.Module | nnx.Module, *, activation: ActivationName = "jsrelu",
              zeroth_bias: ZerothBiasPosition | None = "mlp_output",
              max_len: int | None = None,
              weight_noise: float | tuple[float, float] = 0.0,
              match: Match = None, gate: str | None = DEFAULT_GATE_PATTERN,
-             observe: bool = True) -> Sparsified:
-  """Returns `module` with its MLP blocks sparsified, as a Linen module.
+             observe: bool = True,
+             dense_types: type | tuple[type, ...] | None = None
+             ) -> Sparsified | nnx.Module:
+  """Returns `module` with its MLP blocks sparsified, as a Linen module; a Flax NNX
+  model is sparsified in place and returned (`transforms.sparsify_nnx`).
 
   The defaults are the papers' sparsified recipe on the model's own MLPs:
   J-SquaredReLU, and a zero-initialised zeroth bias on each block's output whose
   table length is the sequence length of the input the params are initialised with;
   no weight noise.
 
+  For an NNX model the blocks' dense layers are their `nnx.Linear` /
+  `nnx.LinearGeneral` attributes, `max_len` is required (the tables are built now),
+  `weight_noise` and `dense_types` are not supported, the hooks store values only
+  inside `nnx.capture`, and the 'mixed' share is set with `set_mixing(model, k)`.
+
   Args:
-    module: any unbound Flax Linen model.
+    module: any unbound Flax Linen model, or a Flax NNX model.
     activation: 'jsrelu' (J-SquaredReLU, default), 'relu', or 'mixed' ((1 - k) relu +
       k jsrelu with k passed as `mixing=` to each call). In a gated block it replaces
       the gate's activation.
@@ -129,6 +141,11 @@ def sparsify(module: nn.Module, *, activation: ActivationName = "jsrelu",
       or probed, and the blocks run inside lifted transforms that carry only 'params'
       (and 'dropout'), such as big_vision's nn.scan over layers; the metrics then have
       nothing to read.
+    dense_types: which children of a block are its dense layers. None (default):
+      nn.Dense, nn.DenseGeneral and any child whose params are a `kernel` (and
+      optionally a `bias`) whose first axes are the input's last ones and whose output
+      has the kernel's other axes (a contraction, as t5x's own `DenseGeneral`); a
+      class or tuple of classes: nn.Dense, nn.DenseGeneral and those only.
   """
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation={activation!r} is not one of the method's.\nFix: pass "
@@ -144,5 +161,21 @@ def sparsify(module: nn.Module, *, activation: ActivationName = "jsrelu",
   if len(rhos) != 2 or any(r < 0 for r in rhos):
     raise ValueError(f"weight_noise={weight_noise!r} is not a noise level.\nFix: pass "
                      "rho >= 0, or a pair (input projections, output projection).")
+  if isinstance(module, nnx.Module):
+    if any(rhos) or dense_types is not None:
+      raise ValueError("sparsify of an NNX model has no weight_noise or dense_types "
+                       "(its dense layers are its nnx.Linear attributes).\nFix: leave "
+                       "weight_noise=0.0 and dense_types=None (per-token weight noise is "
+                       "implemented for Linen models only).")
+    return sparsify_nnx(module, rule=mlp_rule(match), activation=activation,
+                        zeroth_bias=zeroth_bias, max_len=max_len, gate=gate,
+                        observe=observe)
+  if isinstance(dense_types, type):
+    dense_types = (dense_types,)
+  if dense_types is not None and not all(
+      isinstance(t, type) and issubclass(t, nn.Module) for t in dense_types):
+    raise TypeError(f"dense_types={dense_types!r} is not a tuple of Module classes.\n"
+                    "Fix: pass None (recognised by their params) or your dense classes.")
   return Sparsified(module, activation, zeroth_bias, max_len,
-                    (float(rhos[0]), float(rhos[1])), mlp_rule(match), gate, observe)
+                    (float(rhos[0]), float(rhos[1])), mlp_rule(match), gate, observe,
+                    None if dense_types is None else tuple(dense_types))

@@ -48,14 +48,15 @@ from sparse_jax.metrics import STACK_MARKER
 from sparse_jax.nn.dense import WEIGHT_NOISE_RNG
 from sparse_jax.ops import weight_noise as noise_ops
 from sparse_jax.ops.activations import activation_derivative, apply_activation
-from sparse_jax.transforms.mlp_rule import DenseCall, looks_like_mlp
+from sparse_jax.transforms.mlp_rule import DenseCall, contraction_axes, looks_like_mlp
 
 ZEROTH_BIAS = "zeroth_bias"
 # The block's own decode position in the 'cache' collection.
 ZEROTH_BIAS_INDEX = "zeroth_bias_index"
 DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
 SHAPES = ("Dense -> f -> Dense, and the gated (GLU) Dense, Dense -> f(gate) * up -> "
-          "Dense, built from nn.Dense / nn.DenseGeneral children")
+          "Dense, built from dense children (nn.Dense, nn.DenseGeneral, or a module whose "
+          "params are a kernel and optional bias contracting the input's last axes)")
 
 
 def _first_input(args: tuple, kwargs: dict) -> Any:
@@ -77,11 +78,29 @@ def _name(module: nn.Module) -> str:
   return "/".join(module.path) or "<root>"
 
 
-def _kernel(dense: nn.Module) -> jax.Array:
-  """A Dense's kernel as a matrix [inputs, outputs] (DenseGeneral's axes flattened)."""
+def _kernel(dense: nn.Module, x: Any) -> jax.Array:
+  """A dense layer's kernel as a matrix [inputs, outputs]: the axes it contracts with
+  its input `x` flattened into one, the others into the other."""
   kernel = nn.meta.unbox(dense.variables["params"]["kernel"])
-  return jnp.reshape(kernel, (-1, kernel.shape[-1]) if isinstance(dense, nn.Dense) else
-                     (kernel.shape[0], -1))
+  k = contraction_axes(kernel.shape, _shape(x)) or 1
+  return jnp.reshape(kernel, (int(np.prod(kernel.shape[:k])), -1))
+
+
+def _dense_like_kernel(module: nn.Module) -> tuple[int, ...] | None:
+  """The kernel's shape when `module`'s params are a `kernel` and optionally a `bias`
+  (arrays, no submodules), else None (also before a module's params exist)."""
+  params = module.variables.get("params", {})
+  if "kernel" not in params or not set(params) <= {"kernel", "bias"}:
+    return None
+  leaves = [nn.meta.unbox(v) for v in params.values()]
+  if not all(hasattr(v, "shape") for v in leaves):
+    return None
+  return tuple(nn.meta.unbox(params["kernel"]).shape)
+
+
+def _param_shapes(module: nn.Module) -> str:
+  flat = traverse_util.flatten_dict(dict(nn.meta.unbox(module.variables.get("params", {}))))
+  return ", ".join(f"{'/'.join(p)} {tuple(np.shape(v))}" for p, v in flat.items()) or "none"
 
 
 @dataclasses.dataclass
@@ -91,6 +110,8 @@ class _Frame:
   projections: list[DenseCall] = dataclasses.field(default_factory=list)
   kernels: list[jax.Array] = dataclasses.field(default_factory=list)
   names: list[str] = dataclasses.field(default_factory=list)  # Every direct Dense.
+  # Its other direct children: 'name (Class, params: ...)', for the shape error.
+  children: list[str] = dataclasses.field(default_factory=list)
   decided: bool = False  # Plain or gated is known, z / a / hidden computed.
   glu: bool = False
   hidden: Any = None  # What the output projection gets: a, or a * u (after dropout).
@@ -121,7 +142,8 @@ class BlockInterceptor:
   """Rewrites the matched MLP blocks of one call; trace-time Python state only.
 
   `config` has the fields of `Sparsified`: activation, zeroth_bias, max_len,
-  weight_noise, match, gate, observe.
+  weight_noise, match, gate, observe, dense_types (None: nn.Dense, nn.DenseGeneral and
+  any dense-like child, see `mlp_rule.contraction_axes`; else those classes only).
   """
 
   def __init__(self, config: Any, root: RootState, mixing: jax.Array | float):
@@ -137,7 +159,7 @@ class BlockInterceptor:
       return next_fun(*args, **kwargs)
     frame = self.stack[-1] if self.stack else None
     if frame is not None and module.parent is frame.block:
-      if isinstance(module, DENSE_TYPES):
+      if isinstance(module, self._dense_types()):
         return self._dense(frame, module, next_fun, args, kwargs)
       if isinstance(module, nn.Dropout) and frame.projections and not frame.down:
         # The user's dropout on the hidden activations now drops ours (same rng use).
@@ -145,15 +167,66 @@ class BlockInterceptor:
         args, kwargs = _with_input(args, kwargs, frame.hidden)
         frame.hidden = next_fun(*args, **kwargs)
         return frame.hidden
+      if not self.config.match.matches(module):
+        return self._child(frame, module, next_fun, args, kwargs)
     if self.config.match.matches(module):
       return self._block(module, next_fun, args, kwargs)
     out = next_fun(*args, **kwargs)
     parent = module.parent
-    if (isinstance(module, DENSE_TYPES) and isinstance(parent, nn.Module)
-        and not isinstance(parent, nn.MultiHeadDotProductAttention)):
+    if (isinstance(parent, nn.Module)
+        and not isinstance(parent, nn.MultiHeadDotProductAttention)
+        and self._is_dense(module, _first_input(args, kwargs), out)):
       self.unmatched.setdefault(f"{_name(parent)} ({type(parent).__name__})", []).append(
           DenseCall(module.name, _first_input(args, kwargs), out))
     return out
+
+  def _dense_types(self) -> tuple[type, ...]:
+    return DENSE_TYPES + tuple(getattr(self.config, "dense_types", None) or ())
+
+  def _is_dense(self, module: nn.Module, x: Any, out: Any = None) -> bool:
+    """A dense layer by type, or (dense_types=None) by its params and shapes; before
+    the call (`out` None) only once its params exist."""
+    if isinstance(module, self._dense_types()):
+      return True
+    if getattr(self.config, "dense_types", None) is not None:
+      return False
+    kernel = _dense_like_kernel(module)
+    return kernel is not None and contraction_axes(kernel, _shape(x), _shape(out)) is not None
+
+  def _child(self, frame: _Frame, module: nn.Module, next_fun, args, kwargs):
+    """A matched block's child that is not nn.Dense / Dropout: rewritten as a dense
+    layer when it is one (its own Dense class, as t5x's), else run as it is."""
+    x, out = _first_input(args, kwargs), None
+    known = _dense_like_kernel(module) is not None or not module.is_initializing()
+    if known and self._is_dense(module, x):
+      return self._dense(frame, module, next_fun, args, kwargs)
+    if known:
+      out = next_fun(*args, **kwargs)
+    elif self._would_be_down(frame, x):
+      # At init its params appear with the call, and Linen creates them only once: the
+      # call gets the hidden activations, as the output projection's would.
+      args, kwargs = _with_input(args, kwargs, frame.hidden)
+      out = next_fun(*args, **kwargs)
+      if self._is_dense(module, frame.hidden, out):
+        frame.names.append(module.name)
+        return self._down(frame, module, next_fun, args, kwargs, out)
+    else:  # An input projection or something else: look at its params after the call.
+      out = next_fun(*args, **kwargs)
+      if self._is_dense(module, x, out):
+        return self._dense(frame, module, next_fun, args, kwargs, out)
+    frame.children.append(f"{module.name} ({type(module).__name__}, params: "
+                          f"{_param_shapes(module)})")
+    return out
+
+  def _would_be_down(self, frame: _Frame, x: Any) -> bool:
+    """Whether a dense layer called on `x` now would be the output projection (then
+    `frame.hidden` is computed)."""
+    if not frame.projections or frame.down or any(x is p.outputs for p in frame.projections):
+      return False
+    if not frame.decided and self._is_up(frame, x):
+      return False
+    self._decide(frame)
+    return _shape(x) == _shape(frame.hidden)
 
   def candidates(self) -> list[str]:
     """Unmatched modules whose Dense calls look like an MLP block's."""
@@ -167,16 +240,20 @@ class BlockInterceptor:
     kernel = nn.meta.unbox(dense.variables["params"]["kernel"])
     return noise_ops.dense_output_noise(y, x, kernel, rho, block.make_rng(WEIGHT_NOISE_RNG))
 
-  def _dense(self, frame: _Frame, dense: nn.Module, next_fun, args, kwargs):
+  def _dense(self, frame: _Frame, dense: nn.Module, next_fun, args, kwargs,
+             out: Any = None):
+    """One dense child's call; `out`: its output on `args` when it already ran (a
+    dense-like child at init, recognised by its new params)."""
     frame.names.append(dense.name)
     if frame.down:
       frame.extra += 1  # Reported after the block returns.
-      return next_fun(*args, **kwargs)
+      return next_fun(*args, **kwargs) if out is None else out
     x = _first_input(args, kwargs)
     if not frame.projections or (not frame.decided and self._is_up(frame, x)):
-      out = self._noise(next_fun(*args, **kwargs), x, dense, frame.block, 0)
+      out = next_fun(*args, **kwargs) if out is None else out
+      out = self._noise(out, x, dense, frame.block, 0)
       frame.projections.append(DenseCall(dense.name, x, out))
-      frame.kernels.append(_kernel(dense))
+      frame.kernels.append(_kernel(dense, x))
       if len(frame.projections) == 2:
         frame.glu = True
         self._decide(frame)
@@ -226,7 +303,9 @@ class BlockInterceptor:
       block.sow("intermediates", "derivative",
                 activation_derivative(self.config.activation, z, self.mixing))
 
-  def _down(self, frame: _Frame, dense: nn.Module, next_fun, args, kwargs):
+  def _down(self, frame: _Frame, dense: nn.Module, next_fun, args, kwargs,
+            out: Any = None):
+    """The output projection's call on the hidden value (`out`: already made on it)."""
     block, x = frame.block, _first_input(args, kwargs)
     if _shape(x) != _shape(frame.hidden):
       raise ValueError(
@@ -234,13 +313,15 @@ class BlockInterceptor:
           f"{_shape(x)}, not the shape {_shape(frame.hidden)} of the hidden activations; "
           f"sparsify supports {SHAPES}.\nFix: if {_name(block)} is not an MLP block, "
           "pass match=... to sparsify() so that only MLP blocks match.")
-    args, kwargs = _with_input(args, kwargs, frame.hidden)
-    y = self._noise(next_fun(*args, **kwargs), frame.hidden, dense, block, 1)
+    if out is None:
+      args, kwargs = _with_input(args, kwargs, frame.hidden)
+      out = next_fun(*args, **kwargs)
+    y = self._noise(out, frame.hidden, dense, block, 1)
     frame.down = True
     if not self.config.observe:
       return y
     if not frame.glu:
-      block.sow("intermediates", "w2", _kernel(dense))
+      block.sow("intermediates", "w2", _kernel(dense, frame.hidden))
     return block.perturb("y", y)
 
   # --------------------------------------------------------------------- the block
@@ -334,12 +415,18 @@ class BlockInterceptor:
              f"{self.config.match.describe()},")
     own = sorted(k for k, v in block.variables.get("params", {}).items()
                  if not isinstance(v, dict) and not hasattr(v, "keys"))
+    called = (f"; the submodules it called: {'; '.join(frame.children)}"
+              if frame.children else "; it called no submodules")
     if not frame.names and own:
       return (f"{where} computes with its own parameters {own} (self.param kernels with "
-              "jnp.einsum, as Gemma's FeedForward) instead of Dense children: this block "
-              f"shape is not supported. sparsify supports {SHAPES}.\nFix: write the "
-              "block's projections as nn.Dense / nn.DenseGeneral layers (same kernels), "
-              "or leave it out of match=.")
+              f"jnp.einsum, as Gemma's FeedForward) instead of Dense children{called}: "
+              f"this block shape is not supported. sparsify supports {SHAPES}.\nFix: "
+              "write the block's projections as nn.Dense / nn.DenseGeneral layers (same "
+              "kernels), or leave it out of match=.")
+    if not frame.names:
+      return (f"{where} called no layer sparsify recognises as dense{called}. sparsify "
+              f"supports {SHAPES}.\nFix: pass sparsify(..., dense_types=(YourDense,)) "
+              "naming the block's dense class, or leave the block out of match=.")
     return (f"{where} calls {len(frame.names)} Dense layers directly ({frame.names}): "
             f"this block shape is not supported. sparsify supports {SHAPES}.\nFix: if "
             f"{_name(block)} is not an MLP block, pass match=... to sparsify() so that "

@@ -1,0 +1,353 @@
+"""`sparsify` for Flax NNX models: the method in the MLP blocks of an `nnx.Module`.
+
+    model = sparsify(model, max_len=128)  # In place: the same object, returned.
+    optimizer = nnx.Optimizer(model, optax_projections(optax.adamw(1e-3)), wrt=nnx.Param)
+
+An NNX model is a graph of Python objects, so there is nothing to intercept as Linen's
+`nn.intercept_methods` does. Instead `sparsify` swaps the classes of the objects it
+rewrites for subclasses that differ only in `__call__` (their state, names and graph
+stay as they were, plus one `zeroth_bias` `nnx.Param` per block):
+
+* each matched MLP block (by the same rule as Linen's: `MlpRule`) runs its own
+  `__call__` with its direct `nnx.Linear` / `nnx.LinearGeneral` children and
+  `nnx.Dropout` watched, in the two shapes Linen's blocks support: plain (Linear -> f
+  -> Linear) and gated (Linear, Linear -> f(gate) * up -> Linear, as Gemma's
+  FeedForward); the output projection gets act(z) (gated: act(z_gate) * up) in place
+  of what the block's own f produced; the zeroth bias is added to its input or output;
+* with `observe=True`, inside `nnx.capture` (NNX's idiom for intermediates and
+  per-token gradients) the block sows 'z', 'a', 'w1' (and for plain blocks 'x',
+  'derivative', 'w2') as `nnx.Intermediate` and adds zero probes 'z' and 'y' as
+  `nnx.Perturbation`, under the names the Linen blocks use, so `sparse_jax.metrics`
+  reads them; outside a capture nothing is stored;
+* cached decoding: a block's parent module (the Transformer layer) is swapped too; when
+  a sibling attention (anything holding an `nnx.Cache` named `cache_index`, as
+  `nnx.MultiHeadAttention` after `init_cache`) advances its index in a call, the block
+  adds the zeroth-bias rows of the positions the attention just wrote.
+
+The subclasses are made once per original class, so graph definitions stay equal from
+call to call (`nnx.jit` caches). Layers stacked by `nnx.vmap` (kernels [layers, ...])
+get a stacked zeroth bias [layers, max_len, d]; `nnx.scan` over them slices it.
+"""
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_jax.metrics import STACK_MARKER
+from sparse_jax.nn.sparse_mlp import ZerothBiasPosition
+from sparse_jax.ops.activations import (ActivationName, activation_derivative,
+                                        apply_activation)
+from sparse_jax.transforms.mlp_rule import DenseCall, MlpRule
+
+ZEROTH_BIAS = "zeroth_bias"
+LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral)
+SHAPES = ("Linear -> f -> Linear, and the gated (GLU) Linear, Linear -> f(gate) * up -> "
+          "Linear, built from nnx.Linear / nnx.LinearGeneral attributes")
+
+
+class Mixing(nnx.Variable):
+  """The JSReLU share k of activation='mixed' (not a Param: no optimizer touches it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """What a sparsified block does (static: part of the graph definition)."""
+  activation: str
+  zeroth_bias: str | None
+  gate: str | None
+  observe: bool
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+  return tuple(value.shape) if hasattr(value, "shape") else None
+
+
+def _capturing(module: nnx.Module) -> bool:
+  return hasattr(module, "__captures__")
+
+
+@dataclasses.dataclass
+class _Frame:
+  block: nnx.Module
+  config: Config
+  children: tuple  # The block's direct Linear / Dropout objects.
+  projections: list = dataclasses.field(default_factory=list)
+  kernels: list = dataclasses.field(default_factory=list)
+  names: list = dataclasses.field(default_factory=list)
+  decided: bool = False
+  glu: bool = False
+  hidden: Any = None
+  down: bool = False
+  extra: int = 0
+
+
+# Trace-time state of the calls in progress (Python only, like Linen's interceptor):
+# the blocks being called, and per block object the sibling attentions' cache index
+# when their layer was entered.
+_FRAMES: list[_Frame] = []
+_DECODING: dict[int, list[tuple[Any, Any]]] = {}
+
+
+def _path(module: nnx.Module) -> str:
+  return getattr(module, "_sparsify_path", type(module).__name__)
+
+
+# ------------------------------------------------------------------- the block call
+def _block_call(self, *args, **kwargs):
+  config: Config = self._sparsify_config
+  original = self._sparsify_original.__call__
+  children = tuple(v for v in vars(self).values()
+                   if isinstance(v, LINEAR_TYPES + (nnx.Dropout,)))
+  if config.zeroth_bias == "mlp_input":
+    x = args[0]
+    args = (x + _zeroth_rows(self, x),) + tuple(args[1:])
+  frame = _Frame(self, config, children)
+  _FRAMES.append(frame)
+  try:
+    out = original(self, *args, **kwargs)
+  finally:
+    _FRAMES.pop()
+  if not frame.down or frame.extra:
+    raise ValueError(
+        f"MLP block {_path(self)} ({self._sparsify_original.__name__}) called "
+        f"{len(frame.names)} Linear layers ({frame.names}): this block shape is not "
+        f"supported. sparsify supports {SHAPES}.\nFix: if it is not an MLP block, pass "
+        "match=... to sparsify() so that only MLP blocks match; otherwise write it in "
+        "one of those shapes.")
+  if config.zeroth_bias == "mlp_output":
+    out = out + _zeroth_rows(self, out)
+  return out
+
+
+def _zeroth_rows(block: nnx.Module, x: jax.Array) -> jax.Array:
+  """The zeroth-bias rows of `x`'s positions: [0, length), or when a sibling attention
+  just decoded, the positions it wrote."""
+  table = block.zeroth_bias.get_value()
+  if getattr(x, "ndim", 0) < 2 or table.ndim != 2 or x.shape[-1] != table.shape[-1]:
+    raise ValueError(
+        f"MLP block {_path(block)}: a zeroth bias table {_shape(table)} needs inputs "
+        f"[..., length, {table.shape[-1]}], got {_shape(x)}.\nFix: sparsify(..., "
+        "zeroth_bias=None) for a model without a sequence axis; in a stack of layers "
+        "made by nnx.vmap, call the layers through nnx.scan / nnx.vmap.")
+  length = x.shape[-2]
+  for attention, before in _DECODING.get(id(block), ()):
+    if attention.cache_index.get_value() is not before:  # It decoded in this call.
+      return jax.lax.dynamic_slice_in_dim(table, before, length).astype(x.dtype)
+  if length > table.shape[0]:
+    raise ValueError(
+        f"MLP block {_path(block)}: sequence length {length} exceeds its zeroth bias "
+        f"table ({table.shape[0]} rows).\nFix: sparsify(..., max_len=) at least that long.")
+  return table[:length].astype(x.dtype)
+
+
+def _parent_call(self, *args, **kwargs):
+  """A layer holding sparsified blocks: records its attentions' cache index first."""
+  caches = [v for v in vars(self).values()
+            if isinstance(getattr(v, "cache_index", None), nnx.Cache)]
+  blocks = [v for v in vars(self).values() if hasattr(v, "_sparsify_config")]
+  entries = [(a, a.cache_index.get_value()) for a in caches]
+  for block in blocks:
+    _DECODING.setdefault(id(block), []).extend(entries)
+  try:
+    return self._sparsify_parent.__call__(self, *args, **kwargs)
+  finally:
+    for block in blocks:
+      del _DECODING[id(block)][-len(entries):]
+      if not _DECODING[id(block)]:
+        del _DECODING[id(block)]
+
+
+# --------------------------------------------------------------- the children's calls
+def _linear_call(self, x, *args, **kwargs):
+  original = self._sparsify_original.__call__
+  frame = _FRAMES[-1] if _FRAMES else None
+  if frame is None or not any(c is self for c in frame.children):
+    return original(self, x, *args, **kwargs)
+  frame.names.append(f"{type(self).__mro__[1].__name__}")
+  if frame.down:
+    frame.extra += 1
+    return original(self, x, *args, **kwargs)
+  if not frame.projections or (not frame.decided and _is_up(frame, x)):
+    out = original(self, x, *args, **kwargs)
+    frame.projections.append(DenseCall(_child_name(frame.block, self), x, out))
+    frame.kernels.append(self.kernel.get_value().reshape(-1, out.shape[-1]))
+    if len(frame.projections) == 2:
+      frame.glu = True
+      _decide(frame)
+    return out
+  _decide(frame)
+  if _shape(x) != _shape(frame.hidden):
+    raise ValueError(
+        f"MLP block {_path(frame.block)}: the input of its Linear "
+        f"{_child_name(frame.block, self)!r} has shape {_shape(x)}, not the shape "
+        f"{_shape(frame.hidden)} of the hidden activations; sparsify supports {SHAPES}."
+        "\nFix: if it is not an MLP block, pass match=... to sparsify() so that only "
+        "MLP blocks match.")
+  y = original(self, frame.hidden, *args, **kwargs)
+  frame.down = True
+  block = frame.block
+  if not (frame.config.observe and _capturing(block)):
+    return y
+  if not frame.glu:
+    block.sow(nnx.Intermediate, "w2", self.kernel.get_value().reshape(-1, y.shape[-1]))
+  return block.perturb("y", y)
+
+
+def _dropout_call(self, x, *args, **kwargs):
+  original = self._sparsify_original.__call__
+  frame = _FRAMES[-1] if _FRAMES else None
+  if (frame is None or not any(c is self for c in frame.children)
+      or not frame.projections or frame.down):
+    return original(self, x, *args, **kwargs)
+  _decide(frame)  # The block's dropout on its activations now drops the new ones.
+  frame.hidden = original(self, frame.hidden, *args, **kwargs)
+  return frame.hidden
+
+
+def _child_name(block: nnx.Module, child: Any) -> str:
+  return next((k for k, v in vars(block).items() if v is child), "?")
+
+
+def _is_up(frame: _Frame, x: Any) -> bool:
+  first = frame.projections[0]
+  if x is first.inputs:
+    return True
+  return _shape(x) == _shape(first.inputs) != _shape(first.outputs)
+
+
+def _decide(frame: _Frame) -> None:
+  if frame.decided:
+    return
+  frame.decided = True
+  block, config = frame.block, frame.config
+  gate = 0
+  if frame.glu and config.gate:
+    named = [i for i, p in enumerate(frame.projections) if re.search(config.gate, p.name)]
+    gate = named[0] if len(named) == 1 else 0
+  observe = config.observe and _capturing(block)
+  z = frame.projections[gate].outputs
+  if observe:
+    z = block.perturb("z", z)
+  mixing = block.mixing.get_value() if isinstance(getattr(block, "mixing", None),
+                                                  Mixing) else 1.0
+  a = apply_activation(config.activation, z, mixing)
+  frame.hidden = a * frame.projections[1 - gate].outputs if frame.glu else a
+  if not observe:
+    return
+  block.perturb(STACK_MARKER, jnp.zeros((), jnp.float32))
+  block.sow(nnx.Intermediate, STACK_MARKER, jnp.zeros((), jnp.float32))
+  block.sow(nnx.Intermediate, "z", z)
+  block.sow(nnx.Intermediate, "a", a)
+  block.sow(nnx.Intermediate, "w1", frame.kernels[gate])
+  if not frame.glu:
+    block.sow(nnx.Intermediate, "x", frame.projections[0].inputs)
+    block.sow(nnx.Intermediate, "derivative",
+              activation_derivative(config.activation, z, mixing))
+
+
+# ------------------------------------------------------------------ class swapping
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _swap(obj: Any, kind: str, call: Callable) -> None:
+  cls = type(obj)
+  if getattr(cls, "_sparsify_kind", None) == kind:
+    return
+  key = (cls, kind)
+  if key not in _SUBCLASSES:
+    attribute = {"block": "_sparsify_original", "parent": "_sparsify_parent",
+                 "child": "_sparsify_original"}[kind]
+    _SUBCLASSES[key] = type(cls)(cls.__name__, (cls,), {
+        "__call__": call, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "_sparsify_kind": kind, attribute: cls})
+  object.__setattr__(obj, "__class__", _SUBCLASSES[key])
+
+
+def _matches(rule: MlpRule, path: tuple, module: nnx.Module) -> bool:
+  if rule.types and isinstance(module, rule.types):
+    return True
+  if type(module).__name__ in rule.class_names:
+    return True
+  if rule.path_pattern is not None and re.search(rule.path_pattern,
+                                                 "/".join(map(str, path))):
+    return True
+  return rule.predicate is not None and bool(rule.predicate(module))
+
+
+def _d_model(block: nnx.Module, path: str) -> tuple[int, tuple[int, ...]]:
+  """(d_model, stack shape): the first Linear's input width, and the leading axes its
+  kernel has beyond [in, out] (layers stacked by nnx.vmap)."""
+  linears = [v for v in vars(block).values() if isinstance(v, LINEAR_TYPES)]
+  if len(linears) < 2:
+    raise ValueError(
+        f"MLP block {path} ({type(block).__name__}) has {len(linears)} nnx.Linear "
+        f"attributes; sparsify supports {SHAPES}.\nFix: pass match=... so that only MLP "
+        "blocks match, or write the block's projections as nnx.Linear attributes.")
+  first = linears[0]
+  kernel = first.kernel.get_value()
+  if isinstance(first, nnx.Linear):
+    return first.in_features, tuple(kernel.shape[:-2])
+  in_shape = first.in_features if isinstance(first.in_features, tuple) else (first.in_features,)
+  out_shape = (first.out_features if isinstance(first.out_features, tuple)
+               else (first.out_features,))
+  return int(in_shape[-1]), tuple(kernel.shape[:kernel.ndim - len(in_shape) - len(out_shape)])
+
+
+def sparsify_nnx(model: nnx.Module, *, rule: MlpRule, activation: ActivationName,
+                 zeroth_bias: ZerothBiasPosition | None, max_len: int | None,
+                 gate: str | None, observe: bool) -> nnx.Module:
+  """`model` with its matched MLP blocks sparsified, in place (also returned).
+
+  Called by `transforms.sparsify.sparsify` (which checks the arguments); see there.
+  """
+  found = [(p, m) for p, m in nnx.iter_modules(model) if _matches(rule, p, m)]
+  if not found:
+    looks = [f"{'/'.join(map(str, p))} ({type(m).__name__})"
+             for p, m in nnx.iter_modules(model)
+             if sum(isinstance(v, LINEAR_TYPES) for v in vars(m).values()) >= 2
+             and not hasattr(m, "cache_index") and not isinstance(m, nnx.MultiHeadAttention)]
+    raise ValueError(
+        f"sparsify found no MLP block in {type(model).__name__}: no module matched "
+        f"{rule.describe()}. Modules with two or more nnx.Linear attributes: "
+        f"{', '.join(looks) or 'none'}.\nFix: pass match=YourMlpClass, match=r'regex on "
+        "the module path' or match=lambda module: ... to sparsify().")
+  if zeroth_bias is not None and max_len is None:
+    raise ValueError("sparsify of an NNX model builds each zeroth bias table now, and "
+                     "has no input to take its length from.\nFix: pass max_len= (the "
+                     "longest sequence length), or zeroth_bias=None.")
+  modules = dict(nnx.iter_modules(model))
+  config = Config(activation, zeroth_bias, gate, observe)
+  for path, block in found:
+    name = "/".join(map(str, path)) or "<root>"
+    d_model, stack = _d_model(block, name)
+    block._sparsify_config = config
+    block._sparsify_path = name
+    if zeroth_bias is not None and not isinstance(getattr(block, ZEROTH_BIAS, None),
+                                                  nnx.Param):
+      setattr(block, ZEROTH_BIAS, nnx.Param(jnp.zeros(stack + (max_len, d_model),
+                                                      jnp.float32)))
+    if activation == "mixed" and not isinstance(getattr(block, "mixing", None), Mixing):
+      block.mixing = Mixing(jnp.ones(stack, jnp.float32))
+    _swap(block, "block", _block_call)
+    for child in vars(block).values():
+      if isinstance(child, LINEAR_TYPES):
+        _swap(child, "child", _linear_call)
+      elif isinstance(child, nnx.Dropout):
+        _swap(child, "child", _dropout_call)
+    parent = modules.get(path[:-1]) if path else None
+    if isinstance(parent, nnx.Module) and not isinstance(parent, nnx.List):
+      _swap(parent, "parent", _parent_call)
+  return model
+
+
+def set_mixing(model: nnx.Module, k: jax.Array | float) -> None:
+  """Sets the JSReLU share k of every block sparsified with activation='mixed' (e.g.
+  `ops.activations.mixing_coefficient(step, T_mix)`, inside the jitted train step)."""
+  for _, block in nnx.iter_modules(model):
+    mixing = getattr(block, "mixing", None)
+    if isinstance(mixing, Mixing):
+      mixing.set_value(jnp.broadcast_to(jnp.asarray(k, jnp.float32),
+                                        jnp.shape(mixing.get_value())))
