@@ -1,12 +1,14 @@
 """sparse_jax: activation-sparse Transformer MLPs in JAX/Flax.
 
-The method in your own Flax Linen model (names resolve lazily, see below):
+The method in your own Flax Linen or NNX model (names resolve lazily, see below):
 
   sparsify(model, activation=, zeroth_bias=, max_len=, weight_noise=, match=, gate=,
            observe=)
       the model with its MLP blocks (two-Dense and gated GLU blocks) sparsified
       (J-SquaredReLU, zeroth bias, per-token weight noise, observation hooks), a Linen
       module (`transforms.sparsify`); the defaults are the papers' sparsified recipe.
+      A Flax NNX model is sparsified in place and returned (`transforms.sparsify_nnx`).
+  set_mixing(nnx_model, k)     the JSReLU share of an NNX model sparsified 'mixed'.
   Sparsified, MlpRule          the module `sparsify` returns; the MLP matching rule.
   merge_pretrained(sparse_model, pretrained, *inputs, **kwargs)
   merge_pretrained(params, pretrained)
@@ -46,6 +48,7 @@ _host.use_cpu_without_accelerator()
 # Public name -> (module, attribute); attribute None means the module itself.
 _LAZY: dict[str, tuple[str, str | None]] = {
     "sparsify": ("sparse_jax.transforms.sparsify", "sparsify"),
+    "set_mixing": ("sparse_jax.transforms.sparsify_nnx", "set_mixing"),
     "Sparsified": ("sparse_jax.transforms.sparsify", "Sparsified"),
     "MlpRule": ("sparse_jax.transforms.mlp_rule", "MlpRule"),
     "find_mlp_blocks": ("sparse_jax.transforms.mlp_rule", "find_mlp_blocks"),

@@ -101,6 +101,18 @@ class ScannedTransformer(nnx.Module):
     return self.head(body(self.embed(tokens), self.layers))
 
 
+class RematScannedTransformer(ScannedTransformer):
+  """The same stack, each layer rematerialised in the backward pass (nnx.remat)."""
+
+  def __call__(self, tokens):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.remat
+    def body(x, layer):
+      return layer(x)
+
+    return self.head(body(self.embed(tokens), self.layers))
+
+
 def _data(seed=0):
   tokens = np.random.default_rng(seed).integers(0, VOCAB, (BATCH, LEN)).astype(np.int32)
   return tokens, np.roll(tokens, -1, axis=1)
@@ -148,3 +160,144 @@ def test_original_weights_give_the_same_outputs_with_relu(mlp):
     dropped = original(tokens)
     assert not np.allclose(dropped, expected, atol=1e-3)
     np.testing.assert_array_equal(relu(tokens), dropped)
+
+
+def _train(model, tokens, targets, steps=4):
+  """nnx.Optimizer with the projections; metrics from nnx.capture and probe gradients."""
+  optimizer = nnx.Optimizer(
+      model, sparse_jax.optax_projections(optax.adam(3e-2), zeroth_bias_clipping=0.05),
+      wrt=nnx.Param)
+  # Zero probes on z and y of every block, shaped by one captured call.
+  _, probes = nnx.capture(model, nnx.Perturbation)(tokens)
+
+  @nnx.jit
+  def train_step(model, optimizer, probes):
+    def loss_fn(model, probes):
+      logits, inter = nnx.capture(model, nnx.Intermediate, init=probes)(tokens)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+      return loss, inter
+
+    (loss, inter), (grads, probe_grads) = nnx.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(model, probes)
+    optimizer.update(model, grads)
+    return loss, {**metrics.activation_metrics(inter),
+                  **metrics.gradient_metrics(probe_grads),
+                  **metrics.spectral_metrics(inter),
+                  **metrics.flatness_metrics(inter, probe_grads),
+                  **metrics.parameter_metrics(nnx.state(model, nnx.Param),
+                                              r"(^|/)zeroth_bias$", r"(?i)norm")}
+
+  losses = []
+  for _ in range(steps):
+    loss, m = train_step(model, optimizer, probes)
+    losses.append(float(loss))
+  return losses, m
+
+
+@pytest.mark.parametrize("mlp", [Mlp, FeedForward], ids=["relu", "gated"])
+def test_training_with_nnx_optimizer_projections_and_metrics(mlp):
+  tokens, targets = _data()
+  model = Transformer(mlp, rngs=nnx.Rngs(0))
+  _randomize(model)
+  sparse_jax.sparsify(model, max_len=LEN)  # In place.
+  model.eval()  # Dropout off: dL/dz = 0 exactly where f'(z) = 0.
+  losses, m = _train(model, tokens, targets)
+  assert losses[-1] < losses[0]
+  for i, layer in enumerate(model.layers):
+    gamma = np.asarray(layer.mlp_norm.scale[...])
+    bias = np.abs(np.asarray(layer.mlp.zeroth_bias[...]))
+    assert np.all(gamma >= 1.0)  # Clamped; its bias kept at 0.
+    np.testing.assert_array_equal(layer.mlp_norm.bias[...], 0.0)
+    assert np.all(bias <= 0.05 * gamma + 1e-6)
+    assert np.any(np.isclose(bias, 0.05 * gamma, rtol=1e-5))  # The box was active.
+    assert np.any(np.asarray(layer.attn_norm.scale[...]) < 1.0)  # Not restricted.
+    name = f"layer_{i}"
+    assert 0.0 < float(m[f"activation_density/{name}"]) < 1.0
+    assert abs(float(m[f"gradient_sparsity_1e-09/{name}"])
+               - float(m[f"derivative_sparsity/{name}"])) < 0.02
+    assert float(m[f"w1_frobenius_sq/{name}"]) > 0.0
+    assert float(m[f"output_gradient_norm/{name}"]) > 0.0
+    np.testing.assert_allclose(m[f"zeroth_bias_abs/{name}"], np.mean(bias), rtol=1e-5)
+  assert ("augmented_flatness_key/mean" in m) == (mlp is Mlp)  # Plain blocks only.
+
+
+@pytest.mark.parametrize("stack", [ScannedTransformer, RematScannedTransformer],
+                         ids=["scan", "scan_remat"])
+def test_scanned_stack(stack):
+  tokens, targets = _data()
+  model = stack(rngs=nnx.Rngs(0))
+  _randomize(model)
+  model.eval()
+  expected = model(tokens)
+  relu = sparse_jax.sparsify(stack(rngs=nnx.Rngs(3)), activation="relu",
+                             max_len=LEN)
+  nnx.update(relu, nnx.state(model, nnx.Param))
+  relu.eval()
+  # One stacked table [layers, max_len, d], sliced per layer by the scan.
+  assert relu.layers.mlp.zeroth_bias.shape == (3, LEN, D)
+  np.testing.assert_array_equal(relu(tokens), expected)
+  sparse = sparse_jax.sparsify(model, max_len=LEN)
+  losses, m = _train(sparse, tokens, targets, steps=3)
+  assert losses[-1] < losses[0]
+  # The stack marker's [layers] shape makes the metrics read three layers.
+  assert {k for k in m if k.startswith("activation_density/")} == {
+      "activation_density/layer_0", "activation_density/layer_1",
+      "activation_density/layer_2", "activation_density/mean"}
+  assert {k for k in m if k.startswith("zeroth_bias_abs/")} == {
+      "zeroth_bias_abs/layer_0", "zeroth_bias_abs/layer_1", "zeroth_bias_abs/layer_2",
+      "zeroth_bias_abs/mean"}
+  gamma = np.asarray(sparse.layers.mlp_norm.scale[...])  # [layers, d]
+  bias = np.abs(np.asarray(sparse.layers.mlp.zeroth_bias[...]))
+  assert np.all(gamma >= 1.0) and np.all(bias <= 0.05 * gamma[:, None] + 1e-6)
+
+
+@pytest.mark.parametrize("position", ["mlp_output", "mlp_input"])
+def test_cached_decoding_adds_the_row_of_each_true_position(position):
+  tokens, _ = _data()
+  full = sparse_jax.sparsify(Transformer(FeedForward, rngs=nnx.Rngs(0)), max_len=LEN,
+                             zeroth_bias=position)
+  _randomize(full)  # Zeroth biases too: a wrong row would show.
+  decoder = sparse_jax.sparsify(Transformer(FeedForward, rngs=nnx.Rngs(1), decode=True),
+                                max_len=LEN, zeroth_bias=position)
+  nnx.update(decoder, nnx.state(full, nnx.Param))
+  for layer in decoder.layers:  # The model's own cache set-up: nothing for sparsify.
+    layer.attn.init_cache((BATCH, LEN, D))
+  expected = nnx.jit(lambda m: m(tokens))(full)
+  step = nnx.jit(lambda m, token, t: m(token, position=t))
+  cached = np.concatenate([step(decoder, tokens[:, t:t + 1], t) for t in range(LEN)], 1)
+  np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5)
+  # Each step used its own row: with the rows of position 0 everywhere it differs.
+  for layer in full.layers:
+    layer.mlp.zeroth_bias[...] = jnp.broadcast_to(layer.mlp.zeroth_bias[0:1], (LEN, D))
+  assert not np.allclose(nnx.jit(lambda m: m(tokens))(full), expected, atol=1e-3)
+
+
+def test_mixing_and_errors():
+  tokens, _ = _data()
+  original = Transformer(rngs=nnx.Rngs(0))
+  _randomize(original)
+  original.eval()
+  expected = original(tokens)
+  mixed = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), activation="mixed",
+                              max_len=LEN)
+  nnx.update(mixed, nnx.state(original, nnx.Param))
+  mixed.eval()
+  jsrelu = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN)
+  nnx.update(jsrelu, nnx.state(original, nnx.Param))
+  jsrelu.eval()
+  # k = 0: ReLU, the original model; k = 1: J-SquaredReLU. Set inside jit too.
+  run = nnx.jit(lambda m, k: (sparse_jax.set_mixing(m, k), m(tokens))[1])
+  np.testing.assert_allclose(run(mixed, 0.0), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(run(mixed, 1.0), jsrelu(tokens), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(jsrelu(tokens), expected, atol=1e-3)
+  assert float(mixed.layers[0].mlp.mixing[...]) == 1.0  # A state of the model.
+  with pytest.raises(ValueError, match=r"(?s)no MLP block in Transformer.*"
+                     r"layers/0/mlp \(Mlp\).*\nFix: pass match="):
+    sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), match="nothing", max_len=LEN)
+  with pytest.raises(ValueError, match=r"\nFix: pass max_len="):
+    sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="weight_noise"):
+    sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN, weight_noise=0.1)
+  too_short = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN - 1)
+  with pytest.raises(ValueError, match=r"exceeds its zeroth bias table \(4 rows\)"):
+    too_short(tokens)

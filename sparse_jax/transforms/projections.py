@@ -94,16 +94,14 @@ def _walk(tree: Mapping, prefix: Path = ()):
                                    else value)
 
 
-def _rebuild(like: Mapping, values: dict[Path, Any], prefix: Path = ()) -> Any:
+def _rebuild(like: Mapping, values: dict[Path, Any]) -> Any:
   """`like`'s structure (State, Variables) holding `values` by str path."""
-  out = {}
-  for key, value in like.items():
-    path = prefix + (str(key),)
-    if isinstance(value, Mapping):
-      out[key] = _rebuild(value, values, path)
-    else:
-      out[key] = value.replace(values[path]) if hasattr(value, "get_value") else values[path]
-  return type(like)(out)
+  def leaf(path, value):
+    key = tuple(str(k.key) for k in path)
+    return value.replace(values[key]) if hasattr(value, "get_value") else values[key]
+
+  return jax.tree_util.tree_map_with_path(
+      leaf, like, is_leaf=lambda v: hasattr(v, "get_value"))
 
 
 def _flat(params: Params) -> dict[Path, Any]:
