@@ -114,6 +114,22 @@ def _per_layer(name: str, blocks: list[tuple[tuple[str, ...], Any]], value_fn,
   return out
 
 
+def _layer_names(blocks: list[tuple[tuple[str, ...], Any]], masks: Masks
+                 ) -> list[tuple[str, Any, Mask]]:
+  """(name suffix, block, mask) per layer: 'layer_<i>', or '<stack>/layer_<i>' when
+  masks is a map from stack name to mask (the naming `_per_layer` uses)."""
+  if not isinstance(masks, Mapping):
+    return [(f"layer_{i}", m, masks) for i, (_, m) in enumerate(blocks)]
+  stray = ["/".join(p) for p, _ in blocks if p[0] not in masks]
+  if stray:
+    raise ValueError(f"MLP blocks {stray} are in none of the stacks {sorted(masks)}.")
+  out = []
+  for stack, mask in masks.items():
+    out += [(f"{stack}/layer_{i}", m, mask)
+            for i, m in enumerate(m for p, m in blocks if p[0] == stack)]
+  return out
+
+
 def activation_metrics(intermediates: Mapping[str, Any],
                        mask: Masks = None) -> dict[str, jax.Array]:
   """Activation density (1 - sparsity) and derivative sparsity per MLP layer."""
@@ -123,6 +139,77 @@ def activation_metrics(intermediates: Mapping[str, Any],
                    lambda m, k: masked_mean(jnp.abs(m["a"]) > ACTIVE_THRESHOLD, k), mask),
       **_per_layer("derivative_sparsity", blocks,
                    lambda m, k: masked_mean(m["z"] <= 0, k), mask)}
+
+
+# ------------------------------------------------------------ dead and live units
+# A unit (one of an MLP layer's d_ff hidden units) is dead when it is active on none of
+# the tokens seen: over the whole eval split in eval mode, over the logged batch in
+# training mode. Dead units make a narrower network (prunable once); the papers' claim
+# is about live units that are rarely active. The counts are sums, so they add over
+# batches (and, inside jit, over the devices the batch is split across) before the
+# shares are taken: a unit dead in every batch can be alive over the split.
+UNIT_METRICS = ("dead_unit_share", "live_unit_density", "effective_width")
+
+
+def unit_activity(intermediates: Mapping[str, Any], mask: Masks = None
+                  ) -> dict[str, dict[str, jax.Array]]:
+  """Per MLP layer: {'active': [units] int32, 'tokens': int32 scalar}.
+
+  'active' counts the tokens on which each unit is active (|a| > 1e-6), 'tokens' the
+  tokens counted; only real tokens count (mask > 0, with mask [B] per example or
+  [B, L] per token as in `masked_mean`). Layers are named as in `_per_layer` ('layer_i',
+  or '<stack>/layer_i' with a map of masks). Add these over batches, then take
+  `unit_metrics`.
+  """
+  blocks = mlp_blocks(intermediates, ("z", "a"))
+  out = {}
+  for name, m, mask in _layer_names(blocks, mask):
+    active = jnp.abs(m["a"]) > ACTIVE_THRESHOLD          # [B, ..., units]
+    real = jnp.ones(active.shape[:-1], bool)
+    if mask is not None:
+      real = real & (mask > 0).reshape(mask.shape + (1,) * (real.ndim - mask.ndim))
+    # Integer counts: float32 sums stop being exact past 2^24 tokens (a large eval split).
+    counted = (active & real[..., None]).astype(jnp.int32)
+    out[name] = {"active": jnp.sum(counted.reshape(-1, active.shape[-1]), axis=0),
+                 "tokens": jnp.sum(real.astype(jnp.int32))}
+  return out
+
+
+def unit_metrics(activity: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+  """Dead units, live-unit density and effective width from (summed) `unit_activity`.
+
+  Per layer: dead_unit_share = share of units active on no token; effective_width =
+  the number of live units; live_unit_density = active (token, unit) pairs / (tokens x
+  live units), the density among live units (0 when every unit is dead). So density =
+  (1 - dead_unit_share) x live_unit_density. Plus '<metric>/mean' over all layers and,
+  for named stacks ('encoder/layer_0'), '<metric>/<stack>/mean'.
+  """
+  per_layer: dict[str, dict[str, jax.Array]] = {n: {} for n in UNIT_METRICS}
+  for name, counts in activity.items():
+    active = counts["active"]
+    live = (active > 0).astype(jnp.float32)
+    width = jnp.sum(live)
+    # float32 before multiplying: tokens x width can pass int32's range.
+    pairs = jnp.sum(active.astype(jnp.float32))
+    slots = counts["tokens"].astype(jnp.float32) * width
+    # Counted, not 1 - mean(live): exactly 0 when no unit is dead.
+    per_layer["dead_unit_share"][name] = jnp.mean((active == 0).astype(jnp.float32))
+    per_layer["effective_width"][name] = width
+    per_layer["live_unit_density"][name] = jnp.where(slots > 0, pairs / jnp.maximum(
+        slots, 1.0), 0.0)
+  out: dict[str, jax.Array] = {}
+  for metric, values in per_layer.items():
+    groups: dict[str, list[jax.Array]] = {}
+    for name, v in values.items():
+      out[f"{metric}/{name}"] = v
+      stack = name.rpartition("/")[0]
+      if stack:
+        groups.setdefault(stack, []).append(v)
+    for stack, vs in groups.items():
+      out[f"{metric}/{stack}/mean"] = jnp.mean(jnp.stack(vs))
+    if values:
+      out[f"{metric}/mean"] = jnp.mean(jnp.stack(list(values.values())))
+  return out
 
 
 def gradient_metrics(probe_grads: Mapping[str, Any],

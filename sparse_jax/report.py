@@ -6,9 +6,16 @@ DIRs are run workdirs or folders holding them (searched recursively for config.j
 Each run's variant and seed come from its config.json; its grid point is the config
 values that differ between the runs of a variant (other than the seed). Writes
 OUT/report.md, OUT/report.html, OUT/summary.json (every number of the tables) and PNG
-figures: training curves (mean +- sd over seeds) of activation density, gradient
-sparsity and the theory metrics where logged, final eval density against eval accuracy
-(T5: eval loss, the token cross-entropy), and per-layer final eval density.
+figures: training curves (mean +- sd over seeds) of activation density, dead-unit share
+(of the logged batch), gradient sparsity and the theory metrics where logged, final eval
+density against eval accuracy (T5: eval loss, the token cross-entropy), per-layer final
+eval density, dead-unit share and live-unit density, and with a grid those against the
+grid axis (log scale when it spans a factor >= 4) and, for a learning rate x batch size
+grid, against the noise scale lr / batch.
+
+Dead units are those active on no token of the eval split (counted over the whole eval
+pass); the live-unit density is the density among the others, so density = (1 - dead
+share) x live-unit density (sparse_jax/metrics.py, unit_metrics).
 
 Statistics (sparse_jax/stats.py): mean and sample sd (ddof 1) over seeds; the density
 ratio of each variant to vanilla is the ratio of geometric means with a 95% Welch-t
@@ -40,6 +47,8 @@ THEORY_KEYS = ("train/spectral_ratio/mean", "train/spectral_nonzero_fraction/mea
 # The last logging step's training-mode and theory metrics (means over layers), tabled
 # per variant with their ratio to vanilla (what the theory metrics issue asks to compare).
 TRAIN_KEYS = (("train/activation_density/mean", "activation density"),
+              ("train/dead_unit_share/mean", "dead-unit share (logged batch)"),
+              ("train/live_unit_density/mean", "live-unit density (logged batch)"),
               ("train/flatness_density/mean", "flatness density"),
               (f"train/gradient_sparsity_{GRADIENT_THRESHOLD}/mean",
                f"gradient sparsity (< {GRADIENT_THRESHOLD})"),
@@ -132,7 +141,7 @@ def assign_points(runs: list[RunData]) -> list[str]:
   keys = sorted(keys)
   for f, r in zip(flat, runs):
     r.grid = {k: f.get(k) for k in keys}
-    r.point = ",".join(f"{k}={_fmt_value(v)}" for k, v in r.grid.items()) or "base"
+    r.point = point_name_of(r.grid, keys)
   return keys
 
 
@@ -161,13 +170,20 @@ def table_metrics(runs: list[RunData]) -> list[tuple[str, str]]:
           ("eval/activation_density/mean", "eval density")]
   for stack in ("encoder", "decoder"):
     cols.append((f"eval/activation_density/{stack}/mean", f"eval density ({stack})"))
+  # Dead units (never active on the eval split) vs live units rarely active: the
+  # density splits into (1 - dead share) x live-unit density.
+  cols += [("eval/dead_unit_share/mean", "eval dead-unit share"),
+           ("eval/live_unit_density/mean", "eval live-unit density"),
+           ("eval/effective_width/mean", "eval effective width (live units)")]
   cols.append(("wall_time_s", "wall time (s)"))
   keys = set().union(*(r.summary.keys() for r in runs if r.summary))
   return [(k, label) for k, label in cols if k in keys]
 
 
 def density_metrics(columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-  return [(k, label) for k, label in columns if k.startswith("eval/activation_density/")]
+  """The columns compared with vanilla as a ratio: densities of all and of live units."""
+  return [(k, label) for k, label in columns
+          if k.startswith(("eval/activation_density/", "eval/live_unit_density/"))]
 
 
 def _agg(values: list[float]) -> dict[str, Any]:
@@ -359,6 +375,9 @@ def curve_figures(runs: list[RunData], out: epath.Path) -> list[tuple[str, str]]
     specs = [
         ("activation_density", "train/activation_density/",
          "activation density\n(share of units with |a| > 1e-6)", "Activation density in training"),
+        ("dead_unit_share", "train/dead_unit_share/",
+         "dead-unit share\n(never active on the logged batch)",
+         "Dead units in training"),
         ("gradient_sparsity", f"train/gradient_sparsity_{GRADIENT_THRESHOLD}/",
          "gradient sparsity\n(share of |dL/dz| < 1e-6)",
          "Effective gradient sparsity in training"),
@@ -412,9 +431,22 @@ def scatter_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | No
   return file, f"Final eval density vs {ylabel}"
 
 
-def layer_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | None:
+# Per-layer figures of the final eval metrics: (summary key prefix, y label, file stem).
+LAYER_FIGURES = (
+    ("eval/activation_density/", "eval activation density\n(all units)", "layer_density"),
+    ("eval/dead_unit_share/", "eval dead-unit share\n(never active on the eval split)",
+     "layer_dead_unit_share"),
+    ("eval/live_unit_density/", "eval live-unit density\n(density among live units)",
+     "layer_live_unit_density"))
+
+
+def layer_figure(runs: list[RunData], out: epath.Path,
+                 prefix: str = "eval/activation_density/",
+                 ylabel: str = "eval activation density",
+                 stem: str = "layer_density") -> tuple[str, str] | None:
+  """Bars per layer (mean +- sd over seeds) of the final eval `prefix` metric, one row
+  per grid point; None when no run has it."""
   done = [r for r in runs if r.summary]
-  prefix = "eval/activation_density/"
   layers = _panel_order({k[len(prefix):] for r in done for k in r.summary
                          if k.startswith(prefix) and "layer_" in k})
   if not layers:
@@ -423,6 +455,7 @@ def layer_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | None
   points = _ordered_points(done)
   fig, axes = plt.subplots(len(points), 1, figsize=(max(6, 0.9 * len(layers) + 2),
                                                     3.6 * len(points)), squeeze=False)
+  what = ylabel.split("\n")[0]
   for ax, point in zip(axes[:, 0], points):
     variants = _ordered_variants([r for r in done if r.point == point])
     width = 0.8 / max(len(variants), 1)
@@ -437,76 +470,178 @@ def layer_figure(runs: list[RunData], out: epath.Path) -> tuple[str, str] | None
              capsize=3, color=COLORS.get(variant), label=f"{variant} (n={len(group)})")
     ax.set_xticks(x)
     ax.set_xticklabels([l.replace("/", "\n") for l in layers], fontsize=8)
-    ax.set_ylabel("eval activation density")
-    ax.set_title("Final eval density per layer (mean \u00b1 sd over seeds)"
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(f"Final {what} per layer (mean \u00b1 sd over seeds)"
                  + ("" if len(points) == 1 else f", {point}"), fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(str(out / "layer_density.png"), dpi=110)
+  fig.savefig(str(out / f"{stem}.png"), dpi=110)
   plt.close(fig)
-  return "layer_density.png", "Final eval density per layer"
+  return f"{stem}.png", f"Final {what} per layer"
+
+
+def layer_figures(runs: list[RunData], out: epath.Path) -> list[tuple[str, str]]:
+  """Every LAYER_FIGURES figure the runs have data for."""
+  made = [layer_figure(runs, out, *spec) for spec in LAYER_FIGURES]
+  return [f for f in made if f]
+
+
+# Panels of the grid figures: (summary key, y label). Ratio panels come from the
+# comparisons with vanilla.
+SCALE_PANELS = (("eval/activation_density/mean", "eval activation density (all units)"),
+                ("eval/live_unit_density/mean", "eval live-unit density"),
+                ("eval/dead_unit_share/mean", "eval dead-unit share"))
+NOISE_KEYS = ("optimizer.learning_rate", "batch_size")
+
+
+def use_log_axis(values) -> bool:
+  """A numeric axis is drawn on a log scale when its values span a factor of 4 or more
+  (a learning rate over a decade, widths 96-384), linearly otherwise."""
+  values = [float(v) for v in values]
+  return min(values) > 0 and max(values) / min(values) >= 4
+
+
+def _numeric(values) -> bool:
+  return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _series(points: dict[str, Any], x_of) -> dict[str, list[tuple[float, str]]]:
+  """label of the other grid keys -> [(x, point name)] sorted by x."""
+  out: dict[str, list[tuple[float, str]]] = {}
+  for name, p in points.items():
+    x, label = x_of(p["grid"])
+    out.setdefault(label, []).append((x, name))
+  return {k: sorted(v) for k, v in out.items()}
+
+
+def _grid_figure(summary: dict[str, Any], x_of, xlabel: str, file: str, title: str,
+                 ratios: bool) -> None:
+  """Panels of SCALE_PANELS (+ density ratios to vanilla, + accuracy / loss) against x,
+  one line per variant and value of the other grid keys (mean +- sd over seeds)."""
+  points = summary["points"]
+  series = _series(points, x_of)
+  t5 = any(c["key"].endswith("encoder/mean") for c in summary["columns"])
+  ykey, ylabel = ("eval/loss", "eval loss (token CE)") if t5 else ("eval/accuracy",
+                                                                   "eval accuracy")
+  present = {k for p in points.values() for v in p["variants"].values()
+             for k, m in v["metrics"].items() if m["n"]}
+  panels = [(k, label, False) for k, label in SCALE_PANELS if k in present]
+  if ratios:
+    panels += [(k, f"{label.replace('eval ', '')}:\nratio to {BASELINE} (95% CI)", True)
+               for k, label in SCALE_PANELS[:2] if k in present]
+  panels.append((ykey, ylabel, False))
+  variants = list(dict.fromkeys(v for p in points.values() for v in p["variants"]))
+  plt = _plt()
+  cols = 2 if len(panels) in (2, 4) else min(3, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+  styles = ["-", "--", ":", "-."]
+  markers = "osD^v<>px*"
+  xs = sorted({x for s in series.values() for x, _ in s})
+  for ax, (key, label, is_ratio) in zip(axes.flat, panels):
+    for si, (other, members) in enumerate(series.items()):
+      x = np.array([v for v, _ in members], float)
+      for variant in variants:
+        if is_ratio and variant == BASELINE:
+          continue
+        tag = variant + (f", {other}" if other else "")
+        if is_ratio:
+          cs = [next((c for c in points[n]["comparisons"] if c["metric"] == key
+                      and c["numerator"] == variant), None) for _, n in members]
+          get = lambda c, f: np.nan if not c or c[f] is None else c[f]
+          mean = np.array([get(c, "ratio") for c in cs])
+          err = [mean - np.array([get(c, "ci_low") for c in cs]),
+                 np.array([get(c, "ci_high") for c in cs]) - mean]
+          tag += f" / {BASELINE}"
+        else:
+          ms = [points[n]["variants"].get(variant, {}).get("metrics", {}).get(key)
+                for _, n in members]
+          mean = np.array([np.nan if not m or m["mean"] is None else m["mean"] for m in ms])
+          err = np.array([0.0 if not m or m["sd"] is None else m["sd"] for m in ms])
+        if np.all(np.isnan(mean)):
+          continue
+        ax.errorbar(x, mean, yerr=err, marker=markers[si % len(markers)], capsize=3,
+                    color=COLORS.get(variant), linestyle=styles[si % len(styles)],
+                    label=tag)
+    if is_ratio:
+      ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_ylabel(label, fontsize=9)
+    ax.set_xlabel(xlabel)
+    if use_log_axis(xs):
+      ax.set_xscale("log")
+      # The grid's own values as ticks when they are few and a factor >= 2 apart;
+      # else (lr / batch interleaves) matplotlib's decades, so labels never overlap.
+      if len(xs) <= 6 and all(b / a >= 2 for a, b in zip(xs, xs[1:])):
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{v:.3g}" for v in xs], fontsize=8)
+        ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  fig.suptitle(f"{title} (mean \u00b1 sd over seeds"
+               + ("; ratios: 95% Welch CI)" if ratios else ")"))
+  fig.tight_layout()
+  fig.savefig(file, dpi=110)
+  plt.close(fig)
 
 
 def scale_figure(summary: dict[str, Any], out: epath.Path) -> tuple[str, str] | None:
-  """With 2+ grid points: eval density (mean +- sd) per variant and the density ratio to
-  vanilla (95% CI) against the grid axis, and eval accuracy / loss."""
+  """With 2+ grid points: eval density (all and live units), dead-unit share, the
+  density ratios to vanilla (95% CI) and eval accuracy / loss against the numeric grid
+  key of the widest span (log scale when it spans a factor >= 4), one line per variant
+  and value of the other keys; a non-numeric grid is drawn point by point."""
   points = summary["points"]
   if len(points) < 2:
     return None
   keys = list(next(iter(points.values()))["grid"])
-  values = [p["grid"].get(keys[0]) for p in points.values()] if len(keys) == 1 else []
-  numeric = bool(values) and all(isinstance(v, (int, float)) for v in values)
-  x = np.array(values, float) if numeric else np.arange(len(points))
-  t5 = any(c["key"].endswith("encoder/mean") for c in summary["columns"])
-  ykey, ylabel = ("eval/loss", "eval loss (token CE)") if t5 else ("eval/accuracy",
-                                                                   "eval accuracy")
-  dkey = "eval/activation_density/mean"
-  plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  variants = list(dict.fromkeys(v for p in points.values() for v in p["variants"]))
-  for ax, key, label in ((axes[0], dkey, "eval activation density"),
-                         (axes[2], ykey, ylabel)):
-    for variant in variants:
-      ms = [p["variants"].get(variant, {}).get("metrics", {}).get(key) for p in points.values()]
-      mean = np.array([np.nan if m is None or m["mean"] is None else m["mean"] for m in ms])
-      sd = np.array([0.0 if m is None or m["sd"] is None else m["sd"] for m in ms])
-      ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, color=COLORS.get(variant),
-                  label=variant)
-    ax.set_ylabel(label)
-    ax.set_title(f"{label} (mean \u00b1 sd over seeds)", fontsize=10)
-  for variant in variants:
-    cs = [next((c for c in p["comparisons"] if c["metric"] == dkey
-                and c["numerator"] == variant), None) for p in points.values()]
-    if not any(c and c["ratio"] is not None for c in cs):
-      continue
-    ratio = np.array([np.nan if not c or c["ratio"] is None else c["ratio"] for c in cs])
-    low = np.array([r if not c or c["ci_low"] is None else c["ci_low"]
-                    for r, c in zip(ratio, cs)])
-    high = np.array([r if not c or c["ci_high"] is None else c["ci_high"]
-                     for r, c in zip(ratio, cs)])
-    axes[1].errorbar(x, ratio, yerr=[ratio - low, high - ratio], marker="o", capsize=3,
-                     color=COLORS.get(variant), label=f"{variant} / {BASELINE}")
-  axes[1].axhline(1.0, color="gray", linestyle="--", linewidth=1)
-  axes[1].set_ylabel(f"eval density ratio to {BASELINE}")
-  axes[1].set_title("density ratio (95% Welch CI)", fontsize=10)
-  for ax in axes:
-    ax.set_xlabel(keys[0] if numeric else "grid point")
-    if numeric and max(x) / max(min(x), 1e-12) >= 4:
-      ax.set_xscale("log")
-      ax.set_xticks(x)
-      ax.set_xticklabels([f"{v:g}" for v in x])
-      ax.minorticks_off()
-    elif not numeric:
-      ax.set_xticks(x)
-      ax.set_xticklabels(list(points), rotation=20, fontsize=7, ha="right")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle("Scale axis: " + ", ".join(keys))
-  fig.tight_layout()
-  fig.savefig(str(out / "scale.png"), dpi=110)
-  plt.close(fig)
-  return "scale.png", "Eval density, its ratio to vanilla and " + ylabel + " along the grid"
+  # The x axis: the numeric key spanning the widest range (a learning rate over a
+  # decade before batch sizes 32-128); the others label the lines.
+  spans = {}
+  for k in keys:
+    values = [p["grid"].get(k) for p in points.values()]
+    if _numeric(values) and len(set(values)) > 1:
+      low = min(abs(float(v)) for v in values)
+      spans[k] = max(abs(float(v)) for v in values) / low if low else math.inf
+  axis = max(spans, key=spans.get) if spans else None
+  names = list(points)
+  if axis is None:
+    x_of = lambda grid: (float(names.index(point_name_of(grid, keys))), "")
+    xlabel = "grid point (" + ", ".join(keys) + ")"
+  else:
+    others = [k for k in keys if k != axis]
+    x_of = lambda grid: (float(grid[axis]), ", ".join(f"{k}={_fmt_value(grid[k])}"
+                                                       for k in others))
+    xlabel = axis
+  _grid_figure(summary, x_of, xlabel, str(out / "scale.png"),
+               "Along the grid: " + ", ".join(keys), ratios=True)
+  return "scale.png", ("Eval density (all and live units), dead-unit share, density "
+                       "ratios to vanilla and eval accuracy/loss along the grid")
+
+
+def noise_figure(summary: dict[str, Any], out: epath.Path) -> tuple[str, str] | None:
+  """With a grid over the learning rate and the batch size: the same panels against
+  the SGD noise scale lr / batch size (the theory: noise drives sparsity), one line per
+  variant and batch size."""
+  points = summary["points"]
+  keys = list(next(iter(points.values()))["grid"]) if points else []
+  if len(points) < 2 or not all(k in keys for k in NOISE_KEYS):
+    return None
+  lr, batch = NOISE_KEYS
+  others = [k for k in keys if k != lr]
+  x_of = lambda grid: (float(grid[lr]) / float(grid[batch]),
+                       ", ".join(f"{k}={_fmt_value(grid[k])}" for k in others))
+  _grid_figure(summary, x_of, "noise scale: learning rate / batch size",
+               str(out / "noise_scale.png"), "Against the noise scale lr / batch",
+               ratios=False)
+  return "noise_scale.png", ("Eval density (all and live units), dead-unit share and "
+                             "eval accuracy/loss against learning rate / batch size")
+
+
+def point_name_of(grid: dict[str, Any], keys: list[str]) -> str:
+  """The point name `assign_points` gives the grid values `grid`."""
+  return ",".join(f"{k}={_fmt_value(grid[k])}" for k in keys) or "base"
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -514,7 +649,7 @@ def _pm(entry: dict[str, Any], key: str) -> str:
   m = entry["metrics"].get(key)
   if not m or m["mean"] is None:
     return "-"
-  digits = 1 if key == "wall_time_s" else 4
+  digits = 1 if key in ("wall_time_s", "eval/effective_width/mean") else 4
   sd = "" if m["sd"] is None else f" \u00b1 {m['sd']:.{digits}f}"
   return f"{m['mean']:.{digits}f}{sd}"
 
@@ -667,8 +802,8 @@ def write_report(dirs: list[str], out: str, title: str = "sparse_jax study repor
   summary = summarize(runs)
   done = [r for r in runs if r.summary]
   figures = curve_figures(done, root) if done else []
-  for extra in (scale_figure(summary, root), scatter_figure(runs, root),
-                layer_figure(runs, root)):
+  for extra in (scale_figure(summary, root), noise_figure(summary, root),
+                scatter_figure(runs, root), *layer_figures(runs, root)):
     if extra:
       figures.append(extra)
   summary["figures"] = [f for f, _ in figures]

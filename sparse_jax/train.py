@@ -27,6 +27,7 @@ from flax import struct, traverse_util
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import (config_schema, finetune, metric_log, metrics, pretrained,
                         run_files, sharding, tasks)
+from sparse_jax import storage
 from sparse_jax.run_files import (BEFORE_FILE, CONFIG_FILE, EXPORT_DIR, SUMMARY_FILE,
                                   read_json, workdir_path, write_json_atomic)
 from sparse_jax.errors import ConfigError
@@ -299,6 +300,10 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
                                               observed, scale)
       masks = task.sparsity_masks(observed)
       out.update(metrics.activation_metrics(mutated["intermediates"], masks))
+      # Dead units of the observed batch only (a cheap reduction); the eval pass counts
+      # them over the whole split.
+      out.update(metrics.unit_metrics(metrics.unit_activity(mutated["intermediates"],
+                                                            masks)))
       out.update(metrics.gradient_metrics(probe_grads, masks))
       out.update(metrics.parameter_metrics(params, stacks=task.stacks))
       if config.metrics.theory:
@@ -318,7 +323,10 @@ def make_train_step(exp: Experiment, *, with_metrics: bool):
 
 
 def make_eval_step(exp: Experiment):
-  """Jitted (params, step, batch) -> mask-weighted sums of eval metrics, and the weight."""
+  """Jitted (params, step, batch) -> (mask-weighted sums of eval metrics, the weight,
+  per-unit activity counts of `metrics.unit_activity`). All three are sums over the
+  batch (jit reduces them over the devices it is split across), to be added over the
+  eval split."""
   config, model, task = exp.config, exp.model, exp.task
   s_shaped_metrics = _s_shaped_metrics(config)
 
@@ -328,12 +336,12 @@ def make_eval_step(exp: Experiment):
                                   train=False, mixing=mixing, mutable=["intermediates"])
     mask = batch["mask"]
     out = task.metrics(logits, batch, mask)
-    out.update(metrics.activation_metrics(mutated["intermediates"],
-                                          task.sparsity_masks(batch, mask)))
-    out.update(s_shaped_metrics(mutated["intermediates"],
-                                mask=task.sparsity_masks(batch, mask)))
+    masks = task.sparsity_masks(batch, mask)
+    out.update(metrics.activation_metrics(mutated["intermediates"], masks))
+    out.update(s_shaped_metrics(mutated["intermediates"], mask=masks))
     weight = jnp.sum(mask)
-    return jax.tree.map(lambda v: v * weight, out), weight
+    activity = metrics.unit_activity(mutated["intermediates"], masks)
+    return jax.tree.map(lambda v: v * weight, out), weight, activity
 
   return jax.jit(step_fn, in_shardings=(exp.state_shardings.params,
                                         sharding.replicated(exp.mesh),
@@ -347,18 +355,28 @@ def global_batch(exp: Experiment, local: dict[str, np.ndarray]) -> dict[str, jax
   return {k: jax.make_array_from_process_local_data(target, v) for k, v in local.items()}
 
 
+# Dead units / live density / effective width from the per-unit counts of a whole eval
+# pass (jitted: the counts stay on device, only the scalars come back).
+_unit_metrics = jax.jit(metrics.unit_metrics)
+
+
 def evaluate(exp: Experiment, eval_step, params, step) -> dict[str, float]:
   """Means of the eval metrics over the eval split, weighted by real examples per batch
-  (within a batch, token-level metrics are means over real tokens)."""
+  (within a batch, token-level metrics are means over real tokens), and the dead-unit
+  metrics of `metrics.unit_metrics` from per-unit counts summed over the whole split
+  (a unit is dead only if no eval token activates it)."""
   pipeline = tasks.data_pipeline(exp.task)
-  totals, weight = None, 0.0
+  totals, weight, activity = None, 0.0, None
   for local in pipeline.eval_iterator(exp.config, process_index=jax.process_index(),
                                       process_count=jax.process_count()):
-    sums, w = eval_step(params, step, global_batch(exp, local))
+    sums, w, counts = eval_step(params, step, global_batch(exp, local))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    activity = counts if activity is None else jax.tree.map(jnp.add, activity, counts)
     weight = weight + w
-  totals, weight = jax.device_get((totals, weight))
-  return {k: float(v) / max(float(weight), 1.0) for k, v in totals.items()}
+  units = _unit_metrics(activity) if activity else {}
+  totals, weight, units = jax.device_get((totals, weight, units))
+  return ({k: float(v) / max(float(weight), 1.0) for k, v in totals.items()}
+          | {k: float(v) for k, v in units.items()})
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -482,9 +500,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) the run in `workdir`, evaluates it, writes summary.json.
 
   Returns the summary. Raises ConfigError for bad input (before anything is compiled
-  or written) and NonFiniteLossError when training diverges (the last good checkpoint
-  is kept).
+  or written), NonFiniteLossError when training diverges (the last good checkpoint
+  is kept), and WriteError when a write into the workdir fails (a full disk, a
+  workdir made read-only or removed: sparse_jax/storage.py), at the first failed
+  write, checkpoints in the background included.
   """
+  storage.quiet_reported_write_errors()
+  progress: dict[str, Any] = {}
+  try:
+    return _train_and_evaluate(config, workdir, progress)
+  except (ConfigError, NonFiniteLossError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    failure = storage.write_failure(e, str(workdir_path(workdir)),
+                                    progress.get("state_bytes"))
+    if failure is None:
+      raise
+    raise failure from None
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        progress: dict[str, Any]) -> dict[str, Any]:
+  """train_and_evaluate's work; `progress` gets the train state's bytes (the size of
+  a checkpoint, for the message when the disk is full before the first one)."""
   start_time = time.time()
   # The finetune source, resolved once: it decides the model config (ConfigError first).
   config, source = finetune.configured(config)
@@ -506,6 +544,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     multihost_utils.sync_global_devices("sparse_jax: dataset prepared")
   pipeline.prepare_dataset(config)
   exp = build_experiment(config, mesh, source)
+  progress["state_bytes"] = sum(x.size * x.dtype.itemsize
+                                for x in jax.tree.leaves(exp.state_shapes))
 
   is_chief = jax.process_index() == 0
   root.mkdir(parents=True, exist_ok=True)
@@ -609,6 +649,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.save(done, state, data=_data_positions(local_batches),
                           force=done == config.num_steps)
         last_good = done
+      checkpointer.raise_failed_save()  # A full disk stops the run now, not at its end.
       if checkpointer.reached_preemption(done):
         if last_good != done:
           check_finite(*pending)

@@ -85,8 +85,10 @@ def test_study_killed_rerun_report_and_printed_commands(tmp_path, data_dir, cach
       values = [s[key] for s in sorted(summaries, key=lambda s: s["config"]["seed"])]
       assert entry["train_metrics"][key]["mean"] == pytest.approx(np.mean(values))
       assert f"{np.mean(values):.4g}" in open(os.path.join(report_dir, "report.md")).read()
-  (comparison,) = report["points"]["base"]["comparisons"]
-  assert comparison["metric"] == "eval/activation_density/mean"
+  comparisons = report["points"]["base"]["comparisons"]
+  assert [c["metric"] for c in comparisons] == ["eval/activation_density/mean",
+                                                "eval/live_unit_density/mean"]
+  comparison = comparisons[0]
   ratios = {c["metric"]: c for c in report["points"]["base"]["train_comparisons"]}
   assert ratios["train/spectral_ratio/mean"]["ratio"] == pytest.approx(np.exp(
       np.mean(np.log([s["train/spectral_ratio/mean"] for s in runs["sparsified"]]))
