@@ -90,9 +90,14 @@ BLOCKS = python_blocks()
 
 
 def test_the_module_sparsify_and_kernel_examples_are_there():
-  """The front page's promises have examples: SparseMlp, sparsify, the Pallas op."""
+  """The front page's promises have examples: SparseMlp, sparsify, the Pallas op; and
+  docs/sparsify.md's NNX training and t5x-style (own dense class) examples run."""
   for needle in ("SparseMlp(", "sparse_jax.sparsify(", "MlpKernel(impl=\"pallas\""):
     assert any(needle in b.code and b.no_density is None for b in BLOCKS), needle
+  page = [b for b in BLOCKS if b.path == "docs/sparsify.md" and b.no_density is None]
+  for needles in (("nnx.Optimizer(", "sparse_jax.sparsify(", "nnx.capture("),
+                  ("class DenseGeneral(nn.Module)", "sparse_jax.sparsify(")):
+    assert any(all(n in b.code for n in needles) for b in page), needles
 
 
 def test_python_code_is_fenced_as_python():

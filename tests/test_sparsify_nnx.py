@@ -147,6 +147,15 @@ def test_original_weights_give_the_same_outputs_with_relu(mlp):
     model.eval()  # Dropout off.
   expected = original(tokens)
   np.testing.assert_array_equal(relu(tokens), expected)
+  # Outside nnx.capture the hooks store nothing.
+  assert not nnx.state(relu, nnx.Intermediate) and not nnx.state(relu, nnx.Perturbation)
+  # One subclass per original class: a jitted call is traced once, for either model.
+  assert type(relu.layers[0].mlp) is type(jsrelu.layers[1].mlp)
+  traces = []
+  forward = nnx.jit(lambda m: (traces.append(1), m(tokens))[1])
+  forward(relu)
+  forward(relu)
+  assert len(traces) == 1
   assert not np.allclose(jsrelu(tokens), expected, atol=1e-3)
   # The zeroth bias is a Param of each block, added to its output.
   relu.layers[1].mlp.zeroth_bias[...] = jax.random.normal(jax.random.key(0), (LEN, D))

@@ -2,8 +2,15 @@
 
 `Sparsified` (in `transforms.sparsify`) runs its model under `nn.intercept_methods`
 with one `BlockInterceptor` per call. The interceptor watches the calls of the modules
-its rule matches; inside a matched block it sees the block's direct `nn.Dense` /
-`nn.DenseGeneral` and `nn.Dropout` children and rewrites their inputs and outputs:
+its rule matches; inside a matched block it sees the block's direct dense children and
+`nn.Dropout` children and rewrites their inputs and outputs. Dense children are
+`nn.Dense`, `nn.DenseGeneral` and, unless `dense_types=` names the classes, any child
+whose params are a `kernel` (and optionally a `bias`) contracting the input's last axes
+(`mlp_rule.contraction_axes`): the dense classes codebases write for themselves, as
+t5x's `DenseGeneral`. At init such a child's params exist only after its call, and
+Linen creates them once, so a child called where the output projection would be gets
+the new hidden activations before it is known to be dense. A block with no dense
+child raises, listing the submodules it called with their classes and param shapes.
 
 * plain block, Dense -> f -> Dense: the first Dense's output is z; the second Dense
   gets a = act(z) in place of whatever the block's own f produced;

@@ -149,6 +149,8 @@ def _parent_call(self, *args, **kwargs):
             if isinstance(getattr(v, "cache_index", None), nnx.Cache)]
   blocks = [v for v in vars(self).values() if hasattr(v, "_sparsify_config")]
   entries = [(a, a.cache_index.get_value()) for a in caches]
+  if not entries:
+    return self._sparsify_parent.__call__(self, *args, **kwargs)
   for block in blocks:
     _DECODING.setdefault(id(block), []).extend(entries)
   try:
@@ -166,7 +168,7 @@ def _linear_call(self, x, *args, **kwargs):
   frame = _FRAMES[-1] if _FRAMES else None
   if frame is None or not any(c is self for c in frame.children):
     return original(self, x, *args, **kwargs)
-  frame.names.append(f"{type(self).__mro__[1].__name__}")
+  frame.names.append(_child_name(frame.block, self))
   if frame.down:
     frame.extra += 1
     return original(self, x, *args, **kwargs)
