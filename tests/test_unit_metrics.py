@@ -179,6 +179,37 @@ def test_evaluate_counts_over_the_whole_split(data_dir, monkeypatch):
       active[2][:, 0].sum() / tokens)
 
 
+def test_t5_counts_per_stack_over_real_tokens_only():
+  """The T5 task's masks: encoder counts skip padding tokens, decoder counts skip
+  unweighted targets; a unit active only on padding is dead."""
+  from sparse_jax import tasks  # pylint: disable=import-outside-toplevel
+  from sparse_jax.models.t5 import T5, T5Config  # pylint: disable=import-outside-toplevel
+  cfg = T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64,
+                 num_encoder_layers=2, num_decoder_layers=2, max_len=12)
+  model = T5(cfg)
+  rng = jax.random.key(0)
+  enc = jax.random.randint(jax.random.key(1), (2, 12), 1, 64).at[1, 6:].set(0)
+  targets = jax.random.randint(jax.random.key(2), (2, 6), 1, 64).at[1, 4:].set(0)
+  batch = {"encoder_input_tokens": enc, "decoder_target_tokens": targets,
+           "decoder_input_tokens": jnp.pad(targets[:, :-1], ((0, 0), (1, 0))),
+           "decoder_loss_weights": (targets > 0).astype(jnp.float32)}
+  task = tasks.SpanCorruption()
+  params = nn.unbox(model.init(rng, *task.inputs(batch), train=False)["params"])
+  _, state = model.apply({"params": params}, *task.inputs(batch), train=False,
+                         mutable=("intermediates",))
+  activity = metrics.unit_activity(state["intermediates"], task.sparsity_masks(batch))
+  assert set(activity) == {f"{s}/layer_{i}" for s in ("encoder", "decoder") for i in (0, 1)}
+  a = np.asarray(state["intermediates"]["encoder"]["layer_0"]["mlp"]["a"][0])
+  real = np.concatenate([a[0], a[1, :6]])                # the 18 real encoder tokens
+  np.testing.assert_array_equal(activity["encoder/layer_0"]["active"],
+                                (np.abs(real) > 1e-6).sum(axis=0))
+  assert int(activity["encoder/layer_0"]["tokens"]) == 18
+  assert int(activity["decoder/layer_1"]["tokens"]) == 10  # 6 + 4 weighted targets
+  out = metrics.unit_metrics(activity)
+  assert {"dead_unit_share/encoder/mean", "dead_unit_share/decoder/mean",
+          "live_unit_density/mean", "effective_width/decoder/layer_1"} <= set(out)
+
+
 MULTIDEVICE = textwrap.dedent("""
     import json, jax, numpy as np
     from sparse_jax import config_schema, sharding, train
