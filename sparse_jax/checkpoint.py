@@ -75,6 +75,7 @@ def _ignore_closed_loop_callbacks() -> Callable[[Any], None]:
     if not (unraisable.exc_type is RuntimeError and
             str(unraisable.exc_value) == "Event loop is closed"):
       previous(unraisable)
+  hook.drops_closed_loop_callbacks = True
   sys.unraisablehook = hook
   return previous
 
@@ -134,6 +135,10 @@ class Checkpointer:
         max_to_keep=keep, save_interval_steps=save_every, create=True,
         enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # A save that fails (a full disk) leaves tensorstore's writes in flight calling back
+    # into orbax's closed event loop, one traceback each, after the run's own message.
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+      _ignore_closed_loop_callbacks()
     self._terminated = threading.Event()
     self._previous_handler = None
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -196,6 +201,18 @@ class Checkpointer:
     """True when a preemption signal was seen (multi-host safe) or, in a single
     process, SIGTERM arrived; save and stop then."""
     return self._terminated.is_set() or self._manager.reached_preemption(step)
+
+  def raise_failed_save(self) -> None:
+    """Raises the error of an asynchronous save that has failed in the background (a
+    full disk), if any, so the run stops at the next step rather than at the next save
+    or at its end. Does not wait for a save still going."""
+    # orbax keeps the save's thread privately and offers only a blocking wait, which
+    # re-raises its error: it is called once the thread has ended with one.
+    finalize = getattr(self._manager, "_finalize_thread", None)
+    failed = finalize is not None and finalize.map(
+        lambda t: t is not None and not t.is_alive() and t.exception is not None)
+    if failed:
+      self._manager.wait_until_finished()
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""

@@ -18,7 +18,7 @@ from sparse_jax import cli, config_schema, distributed
 from sparse_jax.cli import fail as _fail
 from sparse_jax.cli import flag_error_message as _flag_error_message
 from sparse_jax.cli import show_progress as _show_progress
-from sparse_jax.errors import ConfigError
+from sparse_jax.errors import ConfigError, WriteError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with ':arguments'.",
@@ -110,7 +110,7 @@ def main(argv) -> None:
       print(describe.describe(config, _DRY_RUN_DEVICES.value))
       return
     train.train_and_evaluate(config, _WORKDIR.value)
-  except (ConfigError, train.NonFiniteLossError) as e:
+  except (ConfigError, WriteError, train.NonFiniteLossError) as e:
     _fail(str(e))
   # Finished or preempted, everything written: skip the seconds of teardown (issue 31).
   cli.exit_promptly(0)

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 from etils import epath
 
+from sparse_jax import storage
+
 FILE = "metrics.jsonl"
 
 
@@ -65,14 +67,15 @@ class MetricLog:
     if "://" in str(self.path):  # Object stores cannot append: rewrite atomically.
       self._replace("".join(_line(r) for r in self._records))
     else:
-      with self.path.open("a") as f:
+      with storage.named_on_error(self.path), self.path.open("a") as f:
         f.write(_line(record))
         f.flush()
 
   def _replace(self, text: str) -> None:
     tmp = self.path.parent / f"{self.path.name}.tmp"
-    tmp.write_text(text)
-    tmp.replace(self.path)
+    with storage.named_on_error(self.path):
+      tmp.write_text(text)
+      tmp.replace(self.path)
 
 
 def _line(record: dict[str, Any]) -> str:

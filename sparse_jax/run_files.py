@@ -16,7 +16,7 @@ from typing import Any
 
 from etils import epath
 
-from sparse_jax import metric_log
+from sparse_jax import metric_log, storage
 from sparse_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -46,8 +46,10 @@ def workdir_path(workdir: str) -> epath.Path:
 def write_json_atomic(path: epath.Path, payload: Any) -> None:
   """Writes JSON through a temporary file and a rename: readers never see half a file."""
   tmp = path.parent / f"{path.name}.tmp"
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=list))
-  tmp.replace(path)
+  with storage.named_on_error(path):
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=list))
+    tmp.replace(path)
+
 
 
 def damaged(path: epath.Path, why: str) -> ConfigError:

@@ -31,7 +31,7 @@ from ml_collections import config_dict, config_flags
 
 from sparse_jax import cli, run_files
 from sparse_jax.config_schema import RANGES, VARIANTS
-from sparse_jax.errors import ConfigError
+from sparse_jax.errors import ConfigError, WriteError
 
 STUDY_FILE = "study.json"
 RUNS_DIR = "runs"
@@ -372,7 +372,7 @@ def main(argv) -> None:
     _say(f"{len(runs)} runs: {len(grid_points(grid))} grid point(s) x {len(variants)} "
          f"variant(s) x {len(seeds)} seed(s) in {root / RUNS_DIR}")
     failed = run_study(runs, configs, workdir)
-  except ConfigError as e:
+  except (ConfigError, WriteError) as e:  # WriteError: rerunning resumes the study.
     cli.fail(str(e))
   out = report.write_report([str(root / RUNS_DIR)], str(root / REPORT_DIR))
   _say(f"report: {epath.Path(out) / 'report.md'}")

@@ -27,6 +27,7 @@ from flax import struct, traverse_util
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import (config_schema, finetune, metric_log, metrics, pretrained,
                         run_files, sharding, tasks)
+from sparse_jax import storage
 from sparse_jax.run_files import (BEFORE_FILE, CONFIG_FILE, EXPORT_DIR, SUMMARY_FILE,
                                   read_json, workdir_path, write_json_atomic)
 from sparse_jax.errors import ConfigError
@@ -499,9 +500,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) the run in `workdir`, evaluates it, writes summary.json.
 
   Returns the summary. Raises ConfigError for bad input (before anything is compiled
-  or written) and NonFiniteLossError when training diverges (the last good checkpoint
-  is kept).
+  or written), NonFiniteLossError when training diverges (the last good checkpoint
+  is kept), and WriteError when a write into the workdir fails (a full disk, a
+  workdir made read-only or removed: sparse_jax/storage.py), at the first failed
+  write, checkpoints in the background included.
   """
+  storage.quiet_reported_write_errors()
+  progress: dict[str, Any] = {}
+  try:
+    return _train_and_evaluate(config, workdir, progress)
+  except (ConfigError, NonFiniteLossError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    failure = storage.write_failure(e, str(workdir_path(workdir)),
+                                    progress.get("state_bytes"))
+    if failure is None:
+      raise
+    raise failure from None
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        progress: dict[str, Any]) -> dict[str, Any]:
+  """train_and_evaluate's work; `progress` gets the train state's bytes (the size of
+  a checkpoint, for the message when the disk is full before the first one)."""
   start_time = time.time()
   # The finetune source, resolved once: it decides the model config (ConfigError first).
   config, source = finetune.configured(config)
@@ -523,6 +544,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     multihost_utils.sync_global_devices("sparse_jax: dataset prepared")
   pipeline.prepare_dataset(config)
   exp = build_experiment(config, mesh, source)
+  progress["state_bytes"] = sum(x.size * x.dtype.itemsize
+                                for x in jax.tree.leaves(exp.state_shapes))
 
   is_chief = jax.process_index() == 0
   root.mkdir(parents=True, exist_ok=True)
@@ -626,6 +649,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.save(done, state, data=_data_positions(local_batches),
                           force=done == config.num_steps)
         last_good = done
+      checkpointer.raise_failed_save()  # A full disk stops the run now, not at its end.
       if checkpointer.reached_preemption(done):
         if last_good != done:
           check_finite(*pending)

@@ -118,3 +118,82 @@ def test_study_flag_of_the_wrong_type_names_the_study_flag(tmp_path, flag, phras
   assert "--config.model.mlp_dim=abc" not in proc.stderr
   assert "--config.seed" not in proc.stderr
   assert not (tmp_path / "study").exists()
+
+
+# ----------------------------------------------------------------------------- 3. writes that fail
+# A real filesystem that fills: a small tmpfs mounted in a private mount namespace
+# (`unshare -m`, root or user namespaces needed; skipped where neither works). Nothing
+# is injected: the kernel refuses the writes of orbax, TensorBoard and Python alike.
+TINY_RUN = ["--config.model.num_layers=1", "--config.batch_size=16",
+            "--config.optimizer.warmup_steps=2", "--config.eval_every=10"]
+
+
+def _mount_works() -> bool:
+  probe = subprocess.run(["unshare", "-m", "sh", "-c",
+                          "mount -t tmpfs -o size=64k tmpfs /mnt && touch /mnt/x"],
+                         capture_output=True)
+  return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(
+    sys.platform != "linux" or not _mount_works(),
+    reason="needs `unshare -m` and mount (root) to make a small filesystem that fills")
+
+
+def _in_private_tmpfs(tmp_path, mount: str, size: str, script: str):
+  """Runs the shell `script` with a tmpfs of `size` mounted on `mount`, seen only by
+  it; the CLI is `$MAIN`. Returns the completed process (its stdout: the script's)."""
+  os.makedirs(mount, exist_ok=True)
+  main = f"{sys.executable} -m sparse_jax.main"
+  full = f"mount -t tmpfs -o size={size} tmpfs {mount} || exit 90\nMAIN='{main}'\n{script}"
+  return subprocess.run(["unshare", "-m", "sh", "-ec", full], capture_output=True,
+                        text=True, timeout=900, env=cli_env(), cwd=REPO)
+
+
+def _check_write_error(stderr: str, *phrases: str) -> None:
+  """One message, no traceback (of any thread), the last line the fix."""
+  assert "Traceback" not in stderr and "AsyncError" not in stderr, stderr[-3000:]
+  assert "exception was never retrieved" not in stderr, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert lines[-1].startswith("Fix: "), lines[-3:]
+  assert lines[-2].startswith("sparse_jax: error: Writing "), lines[-3:]
+  for phrase in phrases:
+    assert phrase in stderr, (phrase, stderr[-2000:])
+
+
+@needs_mount
+def test_disk_that_fills_stops_the_run_and_a_rerun_resumes(tmp_path, data_dir, cache_dir):
+  """A 1.2 MB disk holds two checkpoints (and the logs), not a third: the run stops at
+  the first failed write, and after space is freed the same command resumes."""
+  mount = str(tmp_path / "disk")
+  args = " ".join([f"--config={DEFAULT_CONFIG}", f"--workdir={mount}/run",
+                   f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
+                   "--config.num_steps=40", "--config.checkpoint_every=5",
+                   "--config.log_every=5", *TINY_RUN])
+  out = tmp_path / "out"
+  out.mkdir()
+  proc = _in_private_tmpfs(tmp_path, mount, "1200k", f"""
+      $MAIN {args} > {out}/first.out 2> {out}/first.err || echo $? > {out}/first.rc
+      ls {mount}/run/checkpoints > {out}/checkpoints
+      mount -o remount,size=20m {mount}
+      $MAIN {args} > {out}/second.out 2> {out}/second.err; echo $? > {out}/second.rc
+      """)
+  if proc.returncode == 90:
+    pytest.skip("tmpfs mount failed: " + proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+  first = (out / "first.err").read_text()
+  assert (out / "first.rc").read_text().strip() == "1", first[-3000:]
+  _check_write_error(first, "failed: no space left on device (",
+                     "a checkpoint of this run needs about ",
+                     "rerunning the same command resumes from the last complete "
+                     "checkpoint, step ", "Fix: free at least ")
+  # Nothing between the last progress line and the message, nothing after it.
+  lines = first.strip().splitlines()
+  last_progress = max(i for i, l in enumerate(lines) if l.startswith("[sparse_jax "))
+  assert len(lines) - last_progress == 3, lines[last_progress:]
+  resumed = first.split("checkpoint, step ")[1].split(";")[0]
+  assert resumed in (out / "checkpoints").read_text().split()
+  second = (out / "second.err").read_text()
+  assert (out / "second.rc").read_text().strip() == "0", second[-3000:]
+  assert f"Resuming from checkpoint at step {resumed}" in second
+  assert "Done: eval accuracy" in second
