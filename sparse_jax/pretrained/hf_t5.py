@@ -106,9 +106,10 @@ def model_updates(hf: dict[str, Any], config: ml_collections.ConfigDict) -> dict
       "model.relative_attention_max_distance": int(
           hf.get("relative_attention_max_distance", 128)),
       "model.gated_mlp": gated,
-      # HF rescales the decoder output iff the head is tied; a tied source may still be
-      # finetuned untied (the official finetune's LoRA on lm_head), keeping the rescale.
-      "model.output_rescale": tied,
+      # HF rescales the decoder output iff the head is tied (transformers >= 5 says so
+      # in scale_decoder_outputs); a tied source may still be finetuned untied (the
+      # official finetune's LoRA on lm_head), keeping the rescale.
+      "model.output_rescale": bool(hf.get("scale_decoder_outputs", tied)),
       "model.tie_embeddings": bool(config.model.tie_embeddings) and tied,
   }
   rows = hf.get("sparse_jax", {}).get("zeroth_bias_rows")
@@ -288,13 +289,15 @@ class HfT5Source(base.Source):
     tensors = _Tensors(self.location)
     shapes = {}
     for name in tensors.names():
-      if _ALIASES.match(name):
-        continue
+      if _ALIASES.match(name) or (name == "lm_head.weight" and layout["hf_tied"]):
+        continue  # Copies of shared.weight (torch state dicts keep the tied ones).
       if name not in mapping:
         raise ConfigError(f"The checkpoint hf:{self.location} does not fit this model: "
                           f"its tensor {name} is not part of a T5 as config.json "
-                          f"describes it (feed_forward_proj, num_layers, "
-                          f"tie_word_embeddings).\n{_FIX}")
+                          "describes it.\nFix: make config.json describe these weights "
+                          "(feed_forward_proj, num_layers, num_decoder_layers, "
+                          "tie_word_embeddings), e.g. re-save the model with "
+                          "save_pretrained.")
       path, kind = mapping[name]
       shapes[path] = _our_shape(kind, tensors.shape(name), heads)
     return shapes

@@ -1,0 +1,160 @@
+"""Hugging Face T5 checkpoints as finetune sources: the tiny public-layout models in
+tests/fixtures (written by tools/make_reference_fixtures.py with transformers and
+torch) import to the reference's logits and greedy tokens, the SentencePiece path gives
+the reference tokenizer's ids, export -> import is exact, and what does not fit is
+named before anything compiles."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import REPO
+from sparse_jax import config_schema, decoding, finetune, pretrained, train
+from sparse_jax.data import tokenizer
+from sparse_jax.errors import ConfigError
+from sparse_jax.ops import activations
+from sparse_jax.pretrained import hf_t5
+
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+
+
+def _config(checkpoint: str, variant: str = "finetune"):
+  c = config_schema.apply_variant(config_schema.t5_config(), variant)
+  c.text.update(dict(inputs_length=12, targets_length=7))
+  c.model.max_len = 16
+  c.batch_size = c.eval_batch_size = 2
+  c.optimizer.warmup_steps = 0
+  c.finetune.update(dict(checkpoint=checkpoint, lora_rank=0, trainable=""))
+  return c
+
+
+def _imported(checkpoint: str, variant: str = "finetune"):
+  config, source = finetune.configured(_config(checkpoint, variant))
+  exp = train.build_experiment(config, source=source)
+  return config, source, exp, train.init_state(exp).params
+
+
+def _reference(name):
+  return np.load(os.path.join(FIXTURES, name, "reference.npz"))
+
+
+@pytest.mark.parametrize("name", ["t5_v1_0", "t5_v1_0_bin", "t5_v1_1"])
+def test_hf_t5_imports_to_the_reference_logits_and_greedy_tokens(name):
+  ref = _reference("t5_v1_0" if name == "t5_v1_0_bin" else name)
+  config, source, exp, params = _imported(f"hf:{FIXTURES}/{name}")
+  gated = name == "t5_v1_1"
+  assert isinstance(source, hf_t5.HfT5Source)
+  m = config.model
+  assert (m.d_model, m.d_ff, m.num_heads, m.head_dim, m.vocab_size) == (16, 32, 2, 8, 256)
+  assert (m.num_encoder_layers, m.relative_attention_num_buckets,
+          m.relative_attention_max_distance) == (2, 8, 20)
+  assert m.gated_mlp is gated and m.output_rescale is not gated
+  assert config.sparsity.mixing_source == ("gelu_tanh" if gated else "relu")
+  # At mixing k = 0 the finetune model is the source model.
+  logits = exp.model.apply({"params": params}, ref["encoder_tokens"],
+                           ref["decoder_tokens"], train=False, mixing=0.0)
+  # The reference is float64; float32 (ours, and HF's own) is within ~1e-5 of the
+  # logits' scale with these weights (std 0.5).
+  scale = np.abs(ref["logits"]).max()
+  assert scale > 1.0  # Logits large enough to tell tensors apart.
+  np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=3e-5 * scale)
+
+  out = decoding.generate(exp.model, params, ref["encoder_tokens"],
+                          decoding.DecodeSettings(max_decode_length=8), mixing=0.0)
+  for ours, theirs in zip(np.asarray(out.tokens), ref["greedy_tokens"]):
+    stop = list(theirs).index(1) + 1 if 1 in theirs else len(theirs)
+    assert list(ours[:stop]) == list(theirs[:stop])
+
+
+def test_sentencepiece_ids_match_the_reference_tokenizer():
+  ref = _reference("t5_v1_0")
+  config, _ = finetune.configured(_config(f"hf:{FIXTURES}/t5_v1_0"))
+  assert config.text.vocabulary_path == os.path.join(FIXTURES, "t5_v1_0", "spiece.model")
+  vocab = tokenizer.load_vocabulary(config.text.vocabulary_path)
+  ids = vocab.encode([str(t) for t in ref["texts"]])
+  for ours, theirs in zip(ids, ref["text_ids"]):
+    assert ours == [int(i) for i in theirs if i >= 0]
+  tokenizer.check_model_vocab(config.model.vocab_size, vocab)  # 256 rows fit its ids.
+  # v1.1's directory ships no spiece.model: the config's vocabulary stays.
+  config, _ = finetune.configured(_config(f"hf:{FIXTURES}/t5_v1_1"))
+  assert config.text.vocabulary_path == _config("").text.vocabulary_path
+
+
+@pytest.mark.parametrize("name", ["t5_v1_0", "t5_v1_1"])
+def test_export_then_import_gives_identical_params(tmp_path, name):
+  config, source, exp, params = _imported(f"{FIXTURES}/{name}")  # Format detected.
+  assert source.format == "hf"
+  # A finetuned model: every param changed, zeroth biases included.
+  params = jax.tree.map(lambda x: x + 0.25, params)
+  out = source.export(params, config, str(tmp_path / "export"))
+  saved = json.loads((tmp_path / "export" / "config.json").read_text())
+  gated = name == "t5_v1_1"
+  assert saved["feed_forward_proj"] == ("gated-jsrelu" if gated else "jsrelu")
+  assert saved["sparse_jax"] == {"activation": "jsrelu",
+                                 "zeroth_bias_position": "mlp_output",
+                                 "zeroth_bias_rows": 16}
+  assert (tmp_path / "export" / "spiece.model").exists() is not gated
+  again, source2, exp2, params2 = _imported(f"hf:{out}")
+  assert again.sparsity.mixing_source == "jsrelu" and again.model.max_len == 16
+  a = traverse_util.flatten_dict(jax.device_get(params))
+  b = traverse_util.flatten_dict(jax.device_get(params2))
+  assert a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(path))
+  # Exported again from the re-import: the same bytes.
+  source2.export(params2, again, str(tmp_path / "export2"))
+  assert ((tmp_path / "export" / "model.safetensors").read_bytes() ==
+          (tmp_path / "export2" / "model.safetensors").read_bytes())
+
+
+def test_a_tensor_that_does_not_fit_is_named_before_compiling(tmp_path):
+  broken = tmp_path / "t5"
+  shutil.copytree(os.path.join(FIXTURES, "t5_v1_0"), broken)
+  hf = json.loads((broken / "config.json").read_text())
+  (broken / "config.json").write_text(json.dumps(hf | {"d_ff": 48}))
+  c = _config(f"hf:{broken}")
+  config, source = finetune.configured(c)
+  exp = train.build_experiment(config, source=source)
+  with pytest.raises(ConfigError) as e:
+    train.init_state(exp)
+  lines = str(e.value).splitlines()
+  assert len(lines) == 2 and lines[-1].startswith("Fix:")
+  # The first in the file's (sorted) order, in our [in, out] layout.
+  assert ("decoder.block.0.layer.2.DenseReluDense.wi.weight is (16, 32) there, but "
+          "decoder/layer_0/mlp/wi/kernel is (16, 48) in this model") in lines[0]
+
+  (broken / "config.json").write_text(json.dumps(hf | {"feed_forward_proj": "gated-gelu"}))
+  with pytest.raises(ConfigError, match=r"its tensor decoder.block.0.layer.2."
+                     r"DenseReluDense.wi.weight is not part of a T5(.|\n)*Fix:"):
+    finetune.configured(c)
+  (broken / "config.json").write_text(json.dumps(hf | {"feed_forward_proj": "silu"}))
+  with pytest.raises(ConfigError, match=r"not 'silu'"):
+    finetune.configured(c)
+  with pytest.raises(ConfigError, match="is a T5 checkpoint, but the config's model is "
+                     "'vit'"):
+    finetune.configured(_vit_finetune(f"hf:{FIXTURES}/t5_v1_0"))
+  with pytest.raises(ConfigError, match=r"unknown format 'hff'(.|\n)*Fix: prefix"):
+    pretrained.resolve("hff:/x")
+  with pytest.raises(ConfigError, match=r"has no config.json"):
+    finetune.configured(_config(f"hf:{tmp_path}/missing"))
+
+
+def _vit_finetune(checkpoint):
+  c = config_schema.apply_variant(config_schema.base_config(), "finetune")
+  c.finetune.checkpoint = checkpoint
+  return c
+
+
+def test_mixing_from_gelu_starts_at_gelu_and_ends_at_jsrelu():
+  z = np.linspace(-3, 3, 13, dtype=np.float32)
+  mixed = activations.mixed("gelu_tanh")
+  np.testing.assert_allclose(activations.apply_activation(mixed, z, 0.0),
+                             jax.nn.gelu(z, approximate=True), rtol=1e-6)
+  np.testing.assert_allclose(activations.apply_activation(mixed, z, 1.0),
+                             activations.jsrelu(z), rtol=1e-6)
+  assert activations.mixed("relu") == "mixed"
+  assert not activations.zero_below_zero(mixed)

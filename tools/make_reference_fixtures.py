@@ -1,0 +1,136 @@
+"""Writes tiny public-layout checkpoints and their reference outputs to tests/fixtures/.
+
+Run by hand, from the repository root, in a scratch virtual environment with the
+reference implementations (never needed by the tests or the package):
+
+  python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch transformers sentencepiece
+  /tmp/ref/bin/python tools/make_reference_fixtures.py
+
+For each layout it writes a directory tests/fixtures/<name>/ holding the checkpoint as
+the reference library saves it, and reference.npz: inputs, the reference's logits,
+greedy decode tokens (T5; the logits computed in float64) and, for the SentencePiece vocabulary, the reference
+tokenizer's ids of a few texts. tests/test_pretrained_*.py import each checkpoint with
+sparse_jax and compare. versions.json records the library versions that wrote them.
+
+Layouts:
+  t5_v1_0       HF T5 v1.0 (ReLU MLP, tied embeddings), model.safetensors + spiece.model
+  t5_v1_0_bin   the same weights as pytorch_model.bin (read without torch)
+  t5_v1_1       HF T5 v1.1 / Flan-T5 (gated-GELU MLP, untied lm_head), no spiece.model
+The models are random (seeded) and tiny: the point is that every tensor lands in the
+right place and every op matches, not what the model says.
+"""
+import copy
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import transformers
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   "tests", "fixtures")
+# Text for a small SentencePiece model (T5's ids: pad 0, eos 1, unk 2, no bos).
+CORPUS = """\
+After a ReLU-like activation, most hidden units of a trained Transformer's MLP are zero
+for any given token. The papers explain this through gradient sparsity: the noise of
+stochastic gradient descent drives training to flat minima, flatness means robustness to
+perturbations of hidden features and weights, and sparse activations are the cheapest way
+for a normalised MLP to be robust. From the theory come plug-and-play modules that make
+MLPs sparser at almost no cost in accuracy: the jumping squared ReLU, a zeroth bias per
+token position, and a restricted layer norm. Finetuning for sparsity starts from a model
+someone already trained and makes it sparse in a few thousand steps. The tokenizer splits
+text into pieces; a piece is a word, part of a word, or a single character. Numbers such
+as 3.0 and 6.3 percent, names such as T5 and ViT, and punctuation (commas, periods,
+parentheses) all become pieces too. The quick brown fox jumps over the lazy dog while the
+five boxing wizards jump quickly; pack my box with five dozen liquor jugs.
+"""
+TEXTS = ["The quick brown fox jumps over the lazy dog.",
+         "Finetuning for sparsity: a zeroth bias, 3.0 percent, (T5)!",
+         "unseen wordz like Zürich and 12345"]
+
+
+def _spm_model() -> bytes:
+  model = io.BytesIO()
+  spm.set_random_generator_seed(0)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(CORPUS.splitlines()), model_writer=model,
+      model_type="unigram", vocab_size=120, hard_vocab_limit=False,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+      num_threads=1, minloglevel=2)
+  return model.getvalue()
+
+
+def _t5(name: str, *, gated: bool, spiece: bytes, seed: int, keep_spiece: bool) -> None:
+  directory = os.path.join(OUT, name)
+  os.makedirs(directory, exist_ok=True)
+  spiece_path = os.path.join(directory, "spiece.model")
+  with open(spiece_path, "wb") as f:
+    f.write(spiece)
+  # The reference tokenizer as users load it: converted from the directory's spiece.model.
+  tokenizer = transformers.T5Tokenizer.from_pretrained(directory, extra_ids=100)
+  config = transformers.T5Config(
+      vocab_size=256, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+      num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+      dropout_rate=0.0, feed_forward_proj="gated-gelu" if gated else "relu",
+      tie_word_embeddings=not gated, decoder_start_token_id=0, pad_token_id=0,
+      eos_token_id=1)
+  torch.manual_seed(seed)
+  model = transformers.T5ForConditionalGeneration(config).eval()
+  with torch.no_grad():  # Larger than HF's init, so that the logits tell tensors apart.
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.ndim == 1 else 0.0))
+  model.save_pretrained(directory, safe_serialization=True)
+
+  ids = tokenizer(TEXTS, add_special_tokens=False).input_ids
+  encoder = np.zeros((2, 12), np.int64)
+  for row, text_ids in enumerate(ids[:2]):
+    text_ids = (text_ids + [1])[:12 - 3 * row]  # The second row padded (masking).
+    encoder[row, :len(text_ids)] = text_ids
+  rng = np.random.default_rng(seed)
+  decoder = np.concatenate([np.zeros((2, 1), np.int64),
+                            rng.integers(3, 256, (2, 6))], axis=1)  # Starts with 0.
+  with torch.no_grad():
+    # The reference logits in float64: float32 runs of two correct implementations
+    # differ by ~1e-5 of the logits' scale here (random weights of std 0.5), so the
+    # tests compare float32 against the exact value rather than against HF's rounding.
+    logits = copy.deepcopy(model).double()(
+        input_ids=torch.tensor(encoder), attention_mask=torch.tensor(encoder != 0),
+        decoder_input_ids=torch.tensor(decoder)).logits.numpy()
+    greedy = model.generate(input_ids=torch.tensor(encoder),
+                            attention_mask=torch.tensor(encoder != 0),
+                            max_new_tokens=8, do_sample=False, num_beams=1).numpy()
+  token_ids = np.full((len(TEXTS), 64), -1, np.int64)
+  for row, text_ids in enumerate(ids):
+    token_ids[row, :len(text_ids)] = text_ids
+  np.savez_compressed(os.path.join(directory, "reference.npz"), encoder_tokens=encoder,
+                      decoder_tokens=decoder, logits=logits.astype(np.float32),
+                      greedy_tokens=greedy[:, 1:], texts=np.array(TEXTS),
+                      text_ids=token_ids)
+  if name == "t5_v1_0":  # The same weights in torch's own format, for the torch-free reader.
+    bin_dir = os.path.join(OUT, name + "_bin")
+    os.makedirs(bin_dir, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(bin_dir, "pytorch_model.bin"))
+    config.to_json_file(os.path.join(bin_dir, "config.json"))
+  if not keep_spiece:  # ~240 KB (the NFKC normalisation table): one copy is enough.
+    os.remove(spiece_path)
+  print(f"{directory}: {sum(p.numel() for p in model.parameters())} params, "
+        f"greedy {greedy[:, 1:].tolist()}")
+
+
+def main() -> None:
+  spiece = _spm_model()
+  _t5("t5_v1_0", gated=False, spiece=spiece, seed=0, keep_spiece=True)
+  _t5("t5_v1_1", gated=True, spiece=spiece, seed=1, keep_spiece=False)
+  versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+              "transformers": transformers.__version__,
+              "sentencepiece": spm.__version__, "numpy": np.__version__}
+  with open(os.path.join(OUT, "versions.json"), "w") as f:
+    json.dump(versions, f, indent=2, sort_keys=True)
+  print(versions)
+
+
+if __name__ == "__main__":
+  main()
