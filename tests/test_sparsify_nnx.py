@@ -310,3 +310,100 @@ def test_mixing_and_errors():
   too_short = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN - 1)
   with pytest.raises(ValueError, match=r"exceeds its zeroth bias table \(4 rows\)"):
     too_short(tokens)
+
+
+# ------------------------------- flax's Gemma example's style: explicit layer caches
+class GemmaStyleFeedForward(nnx.Module):
+  """gate_proj, up_proj, down_proj nnx.Linear; gelu on the gate, called first."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.gate_proj = nnx.Linear(D, FF, use_bias=False, rngs=rngs)
+    self.up_proj = nnx.Linear(D, FF, use_bias=False, rngs=rngs)
+    self.down_proj = nnx.Linear(FF, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    gate_value = nnx.gelu(self.gate_proj(x))
+    return self.down_proj(gate_value * self.up_proj(x))
+
+
+class CachedAttention(nnx.Module):
+  """One head; the cache is a dict passed in and returned (k, v, end_index [batch])."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.q_proj = nnx.Linear(D, D, use_bias=False, rngs=rngs)
+    self.kv_proj = nnx.Linear(D, 2 * D, use_bias=False, rngs=rngs)
+    self.out_proj = nnx.Linear(D, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x, segment_pos, cache, attn_mask):
+    query = self.q_proj(x)
+    key, value = jnp.split(self.kv_proj(x), 2, axis=-1)
+    if cache is not None:
+      start = (0, cache["end_index"][0], 0)
+      key = jax.lax.dynamic_update_slice(cache["k"], key, start)
+      value = jax.lax.dynamic_update_slice(cache["v"], value, start)
+    logits = jnp.einsum("btd,bsd->bts", query, key) / np.sqrt(D)
+    probs = jax.nn.softmax(jnp.where(attn_mask, logits, -1e30), axis=-1)
+    out = self.out_proj(jnp.einsum("bts,bsd->btd", probs, value))
+    if cache is None:
+      return None, out
+    return {"k": key, "v": value, "end_index": cache["end_index"] + x.shape[1]}, out
+
+
+class GemmaStyleBlock(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.pre_attention_norm = nnx.RMSNorm(D, rngs=rngs)
+    self.attn = CachedAttention(rngs)
+    self.pre_ffw_norm = nnx.RMSNorm(D, rngs=rngs)
+    self.mlp = GemmaStyleFeedForward(rngs)
+
+  def __call__(self, x, segment_pos, cache, attn_mask):
+    cache, attn_output = self.attn(self.pre_attention_norm(x), segment_pos, cache,
+                                   attn_mask)
+    x = x + attn_output
+    return cache, x + self.mlp(self.pre_ffw_norm(x))
+
+
+class GemmaStyleTransformer(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.embedder = nnx.Embed(VOCAB, D, rngs=rngs)
+    self.positions = nnx.Param(jax.random.normal(rngs.params(), (LEN, D)))
+    self.blocks = nnx.List([GemmaStyleBlock(rngs) for _ in range(2)])
+    self.final_norm = nnx.RMSNorm(D, rngs=rngs)
+
+  def __call__(self, tokens, positions, cache, attn_mask):
+    x = self.embedder(tokens) + self.positions[...][positions]
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      layer_cache, x = block(x, positions, None if cache is None else cache[i], attn_mask)
+      new_cache.append(layer_cache)
+    return self.embedder.attend(self.final_norm(x)), new_cache
+
+
+def test_cached_decoding_with_explicit_gemma_style_caches():
+  tokens, _ = _data()
+  model = sparse_jax.sparsify(GemmaStyleTransformer(nnx.Rngs(0)), max_len=LEN,
+                             match=GemmaStyleFeedForward)
+  _randomize(model)  # Zeroth biases too.
+  positions = np.broadcast_to(np.arange(LEN), (BATCH, LEN))
+  causal = positions[:, :, None] >= positions[:, None, :]
+  expected, _ = nnx.jit(lambda m: m(tokens, positions, None, causal))(model)
+  cache = [{"k": jnp.zeros((BATCH, LEN, D)), "v": jnp.zeros((BATCH, LEN, D)),
+            "end_index": jnp.zeros((BATCH,), jnp.int32)} for _ in range(2)]
+
+  @nnx.jit
+  def step(model, tokens, positions, cache):
+    mask = positions[:, :, None] >= jnp.arange(LEN)[None, None, :]
+    return model(tokens, positions, cache, mask)
+
+  # A prompt of two tokens, then one token per call.
+  logits, cache = step(model, tokens[:, :2], positions[:, :2], cache)
+  outs = [logits]
+  for t in range(2, LEN):
+    logits, cache = step(model, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+    outs.append(logits)
+  np.testing.assert_allclose(np.concatenate(outs, 1), expected, rtol=1e-5, atol=1e-5)
+  # The rows matter: with row 0 for every position the full pass differs.
+  for block in model.blocks:
+    block.mlp.zeroth_bias[...] = jnp.broadcast_to(block.mlp.zeroth_bias[0:1], (LEN, D))
+  changed, _ = nnx.jit(lambda m: m(tokens, positions, None, causal))(model)
+  assert not np.allclose(changed, expected, atol=1e-3)

@@ -79,7 +79,7 @@ def mlp_rule(match: Match = None) -> MlpRule:
     return MlpRule()
   if isinstance(match, MlpRule):
     return match
-  if isinstance(match, type) and issubclass(match, nn.Module):
+  if isinstance(match, type):  # A Linen or an NNX Module class.
     return MlpRule(types=(match,), class_names=())
   if isinstance(match, tuple) and match and all(isinstance(t, type) for t in match):
     return MlpRule(types=match, class_names=())

@@ -22,7 +22,10 @@ stay as they were, plus one `zeroth_bias` `nnx.Param` per block):
 * cached decoding: a block's parent module (the Transformer layer) is swapped too; when
   a sibling attention (anything holding an `nnx.Cache` named `cache_index`, as
   `nnx.MultiHeadAttention` after `init_cache`) advances its index in a call, the block
-  adds the zeroth-bias rows of the positions the attention just wrote.
+  adds the zeroth-bias rows of the positions the attention just wrote; when the layer
+  is called with an explicit cache, a dict holding 'end_index' (flax's Gemma example:
+  `LayerCache`, end_index [batch] = the position of the call's first token), the rows
+  of positions end_index + [0, length) of each example.
 
 The subclasses are made once per original class, so graph definitions stay equal from
 call to call (`nnx.jit` caches). Layers stacked by `nnx.vmap` (kernels [layers, ...])
@@ -30,7 +33,7 @@ get a stacked zeroth bias [layers, max_len, d]; `nnx.scan` over them slices it.
 """
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -122,9 +125,16 @@ def _block_call(self, *args, **kwargs):
   return out
 
 
+def _end_index(value: Any) -> jax.Array | None:
+  """A Gemma-style explicit layer cache's 'end_index', else None."""
+  if isinstance(value, Mapping) and hasattr(value.get("end_index"), "shape"):
+    return value["end_index"]
+  return None
+
+
 def _zeroth_rows(block: nnx.Module, x: jax.Array) -> jax.Array:
   """The zeroth-bias rows of `x`'s positions: [0, length), or when a sibling attention
-  just decoded, the positions it wrote."""
+  just decoded, the positions it wrote, or after an explicit cache's end_index."""
   table = block.zeroth_bias.get_value()
   if getattr(x, "ndim", 0) < 2 or table.ndim != 2 or x.shape[-1] != table.shape[-1]:
     raise ValueError(
@@ -134,6 +144,10 @@ def _zeroth_rows(block: nnx.Module, x: jax.Array) -> jax.Array:
         "made by nnx.vmap, call the layers through nnx.scan / nnx.vmap.")
   length = x.shape[-2]
   for attention, before in _DECODING.get(id(block), ()):
+    if attention is None:  # An explicit cache: rows end_index + [0, length).
+      positions = jnp.reshape(before, (-1, 1)) + jnp.arange(length)
+      rows = jnp.take(table, jnp.clip(positions, 0, table.shape[0] - 1), axis=0)
+      return rows.reshape(jnp.shape(before) + (length, table.shape[-1])).astype(x.dtype)
     if attention.cache_index.get_value() is not before:  # It decoded in this call.
       return jax.lax.dynamic_slice_in_dim(table, before, length).astype(x.dtype)
   if length > table.shape[0]:
@@ -149,6 +163,8 @@ def _parent_call(self, *args, **kwargs):
             if isinstance(getattr(v, "cache_index", None), nnx.Cache)]
   blocks = [v for v in vars(self).values() if hasattr(v, "_sparsify_config")]
   entries = [(a, a.cache_index.get_value()) for a in caches]
+  entries += [(None, end) for end in map(_end_index, list(args) + list(kwargs.values()))
+              if end is not None]
   if not entries:
     return self._sparsify_parent.__call__(self, *args, **kwargs)
   for block in blocks:
