@@ -146,8 +146,27 @@ class Checkpointer:
                                              lambda *_: self._terminated.set())
 
   def latest_step(self) -> int | None:
-    """The newest complete checkpoint's step, or None."""
-    return self._manager.latest_step()
+    """The newest complete checkpoint's step, or None; in a multi-process run the same
+    on every process (a collective), or DamagedCheckpointError naming what each saw.
+
+    Each process lists the shared directory itself; were one to see another step (a
+    workdir that is not shared, a file system that shows a save late), it would
+    restore other weights than the rest, and nothing else would notice.
+    """
+    step = self._manager.latest_step()
+    if jax.process_count() == 1:
+      return step
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    seen = np.asarray(multihost_utils.process_allgather(
+        np.int32(-1 if step is None else step))).reshape(-1).tolist()
+    if len(set(seen)) > 1:
+      shown = ", ".join(f"process {i}: {'none' if s < 0 else f'step {s}'}"
+                        for i, s in enumerate(seen))
+      raise DamagedCheckpointError(
+          f"The processes see different latest checkpoints in {self.directory} "
+          f"({shown}).\nFix: pass every process the same --workdir on a file system "
+          "they all share (gs:// on Cloud TPU), then run the command again.")
+    return step
 
   def restore(self, abstract_state: Any, step: int | None = None
               ) -> tuple[Any, np.ndarray | None]:
@@ -239,3 +258,14 @@ def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `shapes` carrying `shardings` (a restore target)."""
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def latest_complete_step(workdir: str) -> tuple[int | None, str]:
+  """(the newest complete checkpoint step in `workdir`, or None; its checkpoints
+  directory): the step a rerun resumes from. A save that was cut short (a process
+  killed before every process wrote its part) is not complete: orbax only finalizes a
+  step (renames its temporary directory, or writes its commit file on GCS) after all
+  processes have written, and skips unfinalized ones when it restores."""
+  directory = epath.Path(workdir) / "checkpoints"
+  steps = ocp.path.step.checkpoint_steps(directory)
+  return (max(steps) if steps else None), str(directory)

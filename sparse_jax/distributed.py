@@ -21,6 +21,7 @@ answers, and process 0 segfaults when the coordinator's port is taken).
 """
 import dataclasses
 import errno
+import json
 import logging
 import os
 import socket
@@ -33,7 +34,14 @@ from sparse_jax.errors import ConfigError
 log = logging.getLogger("sparse_jax")
 
 DEFAULT_TIMEOUT_S = 300  # JAX's default initialization_timeout.
+# Seconds without a heartbeat after which the coordination service declares a process
+# dead and stops the others (JAX's default, 100, took 52 s to act on a kill -9).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 _PROBE_INTERVAL_S = 0.5
+# The key in the coordination service's key-value store under which the first process
+# that stops with an error of its own leaves {"process": i, "message": ...} for the
+# others (first writer wins).
+STOP_KEY = "sparse_jax/stopped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Options:
   num_processes: int | None = None
   process_id: int | None = None
   initialization_timeout: int = DEFAULT_TIMEOUT_S
+  heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
 _FLAGS_FIX = ("Fix: on every process pass the same --coordinator_address=HOST:PORT "
@@ -62,6 +71,10 @@ def check_options(options: Options) -> None:
     raise ConfigError(f"--initialization_timeout={o.initialization_timeout} must be a "
                       "positive number of seconds.\nFix: pass e.g. "
                       f"--initialization_timeout={DEFAULT_TIMEOUT_S}.")
+  if o.heartbeat_timeout <= 0:
+    raise ConfigError(f"--heartbeat_timeout={o.heartbeat_timeout} must be a positive "
+                      "number of seconds.\nFix: pass e.g. "
+                      f"--heartbeat_timeout={DEFAULT_HEARTBEAT_TIMEOUT_S}.")
   if o.num_processes is not None and o.num_processes < 1:
     raise ConfigError(f"--num_processes={o.num_processes} must be at least 1.\n"
                       f"{_FLAGS_FIX}")
@@ -215,6 +228,7 @@ def initialize(options: Options) -> str | None:
     # CPU devices of different processes only share collectives through gloo; the
     # setting is read when the CPU backend starts and is ignored by TPU and GPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs["heartbeat_timeout_seconds"] = options.heartbeat_timeout
   log.info("Connecting: %s (timeout %d s).", what, remaining)
   _initialize_before(lambda: jax.distributed.initialize(**kwargs), remaining, late)
   return f"process {jax.process_index()} of {jax.process_count()}, {joined}"
@@ -292,3 +306,82 @@ def _initialize_before(init, timeout: float, message: str) -> None:
   finally:
     done.set()
     timer.cancel()
+
+
+# ----------------------------------------------------------------------------- stopping
+# When one process of a running job stops, the others cannot go on (every step needs
+# all of them). A process that stops with an error of its own says so here first, so
+# that the others can name it and its error at once; a process that is killed says
+# nothing, and JAX's coordination service reports it (see sparse_jax/supervisor.py).
+def _client():
+  """The coordination service client of this job, or None (single process)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return None
+  # orbax's public accessor of JAX's client (JAX has none); orbax uses it for barriers.
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  try:
+    return ocp.multihost.get_jax_distributed_client()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def announce_stop(message: str) -> None:
+  """Tells the other processes that this one stops with `message` (an error of its own);
+  the first announcement of a job wins. Never raises: the process is on its way out."""
+  import jax  # pylint: disable=import-outside-toplevel
+  client = _client()
+  if client is None:
+    return
+  record = json.dumps({"process": jax.process_index(), "message": message})
+  try:
+    client.key_value_set(STOP_KEY, record)
+  except Exception:  # pylint: disable=broad-except
+    pass  # Another process announced first, or the coordinator is gone.
+
+
+class StopWatcher:
+  """A daemon thread that waits for another process's announce_stop and then calls
+  `on_stop(process, message)` once (from that thread).
+
+  It long-polls the coordination service (one request per second at most), whatever
+  the main thread is blocked in: a collective that waits for the stopped process, or
+  an orbax barrier. `close()` ends it before JAX's own shutdown at exit.
+  """
+  _POLL_MS = 1000
+
+  def __init__(self, on_stop):
+    import jax  # pylint: disable=import-outside-toplevel
+    self._on_stop = on_stop
+    self._me = jax.process_index()
+    self._client = _client()
+    self._closed = threading.Event()
+    self._thread = None
+    if self._client is not None:
+      self._thread = threading.Thread(target=self._run, name="sparse_jax-stop-watcher",
+                                      daemon=True)
+      self._thread.start()
+
+  def _run(self) -> None:
+    while not self._closed.is_set():
+      try:
+        value = self._client.blocking_key_value_get(STOP_KEY, self._POLL_MS)
+      except Exception as e:  # pylint: disable=broad-except
+        if "DEADLINE_EXCEEDED" in str(e):
+          continue  # Nobody stopped within this poll.
+        return  # The coordinator is gone: the coordination service reports that.
+      try:
+        record = json.loads(value)
+        process, message = int(record["process"]), str(record["message"])
+      except (ValueError, KeyError, TypeError):
+        return
+      if process != self._me and not self._closed.is_set():
+        self._on_stop(process, message)
+      return
+
+  def close(self, wait: bool = True) -> None:
+    """Stops watching; with `wait`, until the thread has ended (at most one poll)."""
+    self._closed.set()
+    if (wait and self._thread is not None and
+        self._thread is not threading.current_thread()):
+      self._thread.join(timeout=2 * self._POLL_MS / 1000)

@@ -6,15 +6,19 @@ short message whose last line names the fix, no traceback, and exit code 1.
 Multi-host: run the same command on every host. On a Cloud TPU pod slice or in a
 SLURM / Open MPI job the processes find each other by themselves; elsewhere (a GPU
 cluster, several processes on one machine) pass --coordinator_address,
---num_processes and --process_id (see sparse_jax/distributed.py).
+--num_processes and --process_id (see sparse_jax/distributed.py). Each such process
+runs its training in a worker copy of itself and supervises it, so that when another
+process of the job stops, it ends with one message and exit code 75 (see
+sparse_jax/supervisor.py).
 """
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_jax import cli, config_schema, distributed
+from sparse_jax import cli, config_schema, distributed, supervisor
 from sparse_jax.cli import fail as _fail
 from sparse_jax.cli import flag_error_message as _flag_error_message
 from sparse_jax.cli import show_progress as _show_progress
@@ -54,6 +58,10 @@ _PROCESS_ID = flags.DEFINE_integer(
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", distributed.DEFAULT_TIMEOUT_S, "Multi-process runs: "
     "seconds to wait for the coordinator and all processes to connect.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S, "Multi-process runs: "
+    "seconds without a heartbeat after which JAX's coordination service declares a "
+    "process dead; the others then stop (exit code 75) with a message naming it.")
 
 
 def _distributed_options() -> distributed.Options:
@@ -61,7 +69,8 @@ def _distributed_options() -> distributed.Options:
   options = distributed.Options(coordinator_address=_COORDINATOR.value,
                                 num_processes=_NUM_PROCESSES.value,
                                 process_id=_PROCESS_ID.value,
-                                initialization_timeout=_INIT_TIMEOUT.value)
+                                initialization_timeout=_INIT_TIMEOUT.value,
+                                heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
   try:
     distributed.check_options(options)
   except ConfigError as e:
@@ -82,15 +91,21 @@ def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}.\nFix: pass options as --name=value.")
   logging.set_verbosity(logging.WARNING)
+  channel = supervisor.Channel.from_environment()
   options = _distributed_options()
   config = _load_config()
+  training = _COMPILE_FOR.value is None and not _DRY_RUN.value
+  if training and not _WORKDIR.value:
+    _fail("No --workdir given.\nFix: pass --workdir=/path/to/run_dir.")
+  if training and not channel.supervised and _several_processes(options):
+    # This process supervises; a copy of it (the worker) trains. Why: supervisor.py.
+    cli.exit_promptly(supervisor.supervise(_WORKDIR.value))
   cli.use_compilation_cache(_CACHE_DIR.value)
   if _COMPILE_FOR.value is not None:
     _compile_for(config)
     return
-  if not _DRY_RUN.value:
-    if not _WORKDIR.value:
-      _fail("No --workdir given.\nFix: pass --workdir=/path/to/run_dir.")
+  worker = None
+  if training:
     _show_progress()
     # Before anything starts a JAX backend: the processes must meet first.
     try:
@@ -99,9 +114,11 @@ def main(argv) -> None:
       _fail(str(e))
     if joined:
       import jax  # pylint: disable=import-outside-toplevel
-      std_logging.getLogger("sparse_jax").info("Joined as %s.", joined)
+      std_logging.getLogger("sparse_jax").info("Joined as %s (pid %d).", joined,
+                                               os.getpid())
       if jax.process_index() > 0:  # One copy of the progress lines: process 0's.
         std_logging.getLogger("sparse_jax").setLevel(std_logging.WARNING)
+      worker = supervisor.Worker(channel, options.heartbeat_timeout)
   # Imported here so that flag errors and --help do not pay for importing JAX.
   cli.import_tensorflow_quietly()
   from sparse_jax import describe, train  # pylint: disable=import-outside-toplevel
@@ -111,9 +128,26 @@ def main(argv) -> None:
       return
     train.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, WriteError, train.NonFiniteLossError) as e:
+    if worker is not None:  # Tell the other processes first; exit 1.
+      worker.stop_with_error(str(e))
     _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if worker is not None:  # Another process gone (exit 75), or a bug here (exit 1).
+      worker.stop_after_exception(e)
+    raise
   # Finished or preempted, everything written: skip the seconds of teardown (issue 31).
   cli.exit_promptly(0)
+
+
+def _several_processes(options: distributed.Options) -> bool:
+  """Whether this run is one of several processes (flags, or a detected cluster)."""
+  if options.num_processes is not None:
+    return options.num_processes > 1
+  try:
+    return distributed.detect_cluster() is not None
+  except ConfigError as e:
+    _fail(str(e))
+    raise  # Unreachable: _fail exits.
 
 
 def _compile_for(config) -> None:

@@ -5,6 +5,7 @@ they write together restores. And the CLI's multi-process flag errors."""
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -110,7 +111,10 @@ def test_two_processes_match_one_process(tmp_path, data_dir, cache_dir):
   # Only process 0 wrote metrics, config and summary.
   events = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   assert len(events) == 1, events
-  assert f".{procs[1].pid}." in os.path.basename(events[0])  # Named with its writer's pid.
+  # Named with its writer's pid: process 0's worker (its supervisor, procs[1], starts
+  # the worker that trains; see sparse_jax/supervisor.py).
+  worker_pid = re.search(r"Joined as process 0 of 2, .* \(pid (\d+)\)", stderr_0).group(1)
+  assert f".{worker_pid}." in os.path.basename(events[0])
   written = [set(os.path.basename(p) for p in
                  (tmp_path / f"writes_{i}.txt").read_text().split("\n") if p)
              for i in range(PROCESSES)]

@@ -29,7 +29,8 @@ if _LOG:
 
   def _dump():
     data = "\n".join(_written) + "\n"  # Taken before the log's own open is recorded.
-    with open(_LOG, "w") as f:
+    # Appended: a multi-process run's supervisor and its worker share the variable.
+    with open(_LOG, "a") as f:
       f.write(data)
 
   sys.addaudithook(_hook)
