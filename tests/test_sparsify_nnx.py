@@ -300,6 +300,13 @@ def test_mixing_and_errors():
   np.testing.assert_allclose(run(mixed, 1.0), jsrelu(tokens), rtol=1e-5, atol=1e-5)
   assert not np.allclose(jsrelu(tokens), expected, atol=1e-3)
   assert float(mixed.layers[0].mlp.mixing[...]) == 1.0  # A state of the model.
+  # observe=False: the method without the hooks; nnx.capture collects nothing.
+  quiet = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN, observe=False)
+  nnx.update(quiet, nnx.state(jsrelu, nnx.Param))
+  quiet.eval()
+  out, sown = nnx.capture(quiet, nnx.Intermediate)(tokens)
+  assert not sown
+  np.testing.assert_array_equal(out, jsrelu(tokens))
   with pytest.raises(ValueError, match=r"(?s)no MLP block in Transformer.*"
                      r"layers/0/mlp \(Mlp\).*\nFix: pass match="):
     sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), match="nothing", max_len=LEN)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparse_jax.metrics import STACK_MARKER
@@ -191,7 +192,7 @@ def _linear_call(self, x, *args, **kwargs):
   if not frame.projections or (not frame.decided and _is_up(frame, x)):
     out = original(self, x, *args, **kwargs)
     frame.projections.append(DenseCall(_child_name(frame.block, self), x, out))
-    frame.kernels.append(self.kernel.get_value().reshape(-1, out.shape[-1]))
+    frame.kernels.append(_matrix(self))
     if len(frame.projections) == 2:
       frame.glu = True
       _decide(frame)
@@ -210,7 +211,7 @@ def _linear_call(self, x, *args, **kwargs):
   if not (frame.config.observe and _capturing(block)):
     return y
   if not frame.glu:
-    block.sow(nnx.Intermediate, "w2", self.kernel.get_value().reshape(-1, y.shape[-1]))
+    block.sow(nnx.Intermediate, "w2", _matrix(self))
   return block.perturb("y", y)
 
 
@@ -223,6 +224,13 @@ def _dropout_call(self, x, *args, **kwargs):
   _decide(frame)  # The block's dropout on its activations now drops the new ones.
   frame.hidden = original(self, frame.hidden, *args, **kwargs)
   return frame.hidden
+
+
+def _matrix(linear: nnx.Module) -> jax.Array:
+  """A Linear's kernel as [inputs, outputs] (LinearGeneral's axes flattened)."""
+  kernel = linear.kernel.get_value()
+  ins = linear.in_features
+  return kernel.reshape(int(np.prod(ins if isinstance(ins, tuple) else (ins,))), -1)
 
 
 def _child_name(block: nnx.Module, child: Any) -> str:

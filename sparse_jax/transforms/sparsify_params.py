@@ -123,7 +123,9 @@ def optax_projections(tx: optax.GradientTransformation, *,
   blocks, a norm named unlike its block) pass a pattern that only that norm matches.
   A rule that finds no zeroth bias or no norm raises at `tx.init` / `tx.update`.
   Params may be boxed (`nn.LogicallyPartitioned`, `nn.Partitioned`): `tx.init` and
-  `tx.update` then work on the boxed trees and the updates come back boxed.
+  `tx.update` then work on the boxed trees and the updates come back boxed. They may
+  also be Flax NNX `State`s: `nnx.Optimizer(model, optax_projections(tx), wrt=nnx.Param)`
+  for a model from `sparsify(nnx_model, ...)`.
 
   Args:
     tx: any optax GradientTransformation (call `tx.update(grads, state, params)`).
