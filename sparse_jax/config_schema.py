@@ -119,7 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Attention kernels: 'xavier' (uniform on each [d, d] projection) | 'torch'
       # (torch MultiheadAttention's, the official ViT: Xavier over the stacked [3d, d]
       # q/k/v, out projection U(+-1/sqrt(d))).
-      attention_init="xavier"))
+      attention_init="xavier",
+      # 'token' (class token) | 'gap' (mean of the patch tokens, no class token).
+      classifier="token",
+      norm_epsilon=1e-6,  # LayerNorm epsilon (HF ViT checkpoints: 1e-12).
+      representation_size=0))  # > 0: tanh 'pre_logits' layer before the head (i21k).
   # 'sklearn_digits' (embedded) | 'cifar10' | 'mnist' | 'imagenet2012' (tfds, data_dir)
   c.dataset = "sklearn_digits"
   c.manual_dir = config_dict.placeholder(str)  # ImageNet manual download dir
@@ -537,6 +541,9 @@ RANGES: dict[str, Valid] = {
     "model.num_heads": _POSITIVE,
     "model.mlp_dim": _POSITIVE,
     "model.attention_init": one_of("xavier", "torch"),
+    "model.classifier": one_of("token", "gap"),
+    "model.norm_epsilon": number(0, low_open=True),
+    "model.representation_size": _COUNT,
     "dataset": one_of(*IMAGE_DATASETS, *TEXT_DATASETS),
     "manual_dir": string(optional=True, nonempty=True),
     "image_size": _POSITIVE,

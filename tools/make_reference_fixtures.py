@@ -16,6 +16,10 @@ Layouts:
   t5_v1_0       HF T5 v1.0 (ReLU MLP, tied embeddings), model.safetensors + spiece.model
   t5_v1_0_bin   the same weights as pytorch_model.bin (read without torch)
   t5_v1_1       HF T5 v1.1 / Flan-T5 (gated-GELU MLP, untied lm_head), no spiece.model
+  vit_hf        HF ViTForImageClassification (class token, exact GELU, eps 1e-12)
+  vit_npz       vision_transformer's .npz layout (class token, tanh GELU, eps 1e-6): the
+                weights of a HF ViT of that activation and epsilon, renamed here into
+                vision_transformer's checkpoint names, with that HF model's logits
 The models are random (seeded) and tiny: the point is that every tensor lands in the
 right place and every op matches, not what the model says.
 """
@@ -120,10 +124,81 @@ def _t5(name: str, *, gated: bool, spiece: bytes, seed: int, keep_spiece: bool) 
         f"greedy {greedy[:, 1:].tolist()}")
 
 
+def _randomised(model, seed: int):
+  torch.manual_seed(seed)
+  with torch.no_grad():  # Larger than HF's init, so that the logits tell tensors apart.
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.ndim == 1 else 0.0))
+  return model.eval()
+
+
+def _vit_logits(model, images: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    pixels = torch.tensor(images.transpose(0, 3, 1, 2), dtype=torch.float64)
+    return copy.deepcopy(model).double()(pixel_values=pixels).logits.numpy()
+
+
+def _vision_transformer_names(state: dict, layers: int, heads: int) -> dict:
+  """A HF ViT state dict under vision_transformer's checkpoint names and layouts
+  (flax kernels [in, out]; attention [d, heads, head_dim] and [heads, head_dim, d])."""
+  t = {k: v.numpy().astype(np.float32) for k, v in state.items()}
+  out = {"cls": t["vit.embeddings.cls_token"],
+         "embedding/kernel": t["vit.embeddings.patch_embeddings.projection.weight"]
+                              .transpose(2, 3, 1, 0),
+         "embedding/bias": t["vit.embeddings.patch_embeddings.projection.bias"],
+         "Transformer/posembed_input/pos_embedding": t["vit.embeddings.position_embeddings"],
+         "Transformer/encoder_norm/scale": t["vit.layernorm.weight"],
+         "Transformer/encoder_norm/bias": t["vit.layernorm.bias"],
+         "head/kernel": t["classifier.weight"].T, "head/bias": t["classifier.bias"]}
+  for i in range(layers):
+    hf, vt = f"vit.encoder.layer.{i}.", f"Transformer/encoderblock_{i}/"
+    for a, b in (("layernorm_before", "LayerNorm_0"), ("layernorm_after", "LayerNorm_2")):
+      out[vt + b + "/scale"] = t[hf + a + ".weight"]
+      out[vt + b + "/bias"] = t[hf + a + ".bias"]
+    for name in ("query", "key", "value"):
+      w = t[hf + f"attention.attention.{name}.weight"]
+      d = w.shape[1]
+      out[vt + f"MultiHeadDotProductAttention_1/{name}/kernel"] = w.T.reshape(d, heads, -1)
+      out[vt + f"MultiHeadDotProductAttention_1/{name}/bias"] = (
+          t[hf + f"attention.attention.{name}.bias"].reshape(heads, -1))
+    w = t[hf + "attention.output.dense.weight"]
+    out[vt + "MultiHeadDotProductAttention_1/out/kernel"] = w.T.reshape(heads, -1,
+                                                                         w.shape[0])
+    out[vt + "MultiHeadDotProductAttention_1/out/bias"] = t[hf + "attention.output.dense.bias"]
+    out[vt + "MlpBlock_3/Dense_0/kernel"] = t[hf + "intermediate.dense.weight"].T
+    out[vt + "MlpBlock_3/Dense_0/bias"] = t[hf + "intermediate.dense.bias"]
+    out[vt + "MlpBlock_3/Dense_1/kernel"] = t[hf + "output.dense.weight"].T
+    out[vt + "MlpBlock_3/Dense_1/bias"] = t[hf + "output.dense.bias"]
+  return out
+
+
+def _vit(seed: int) -> None:
+  images = np.random.default_rng(seed).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  for name, act, eps in (("vit_hf", "gelu", 1e-12), ("vit_npz", "gelu_new", 1e-6)):
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, hidden_act=act, layer_norm_eps=eps,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=5,
+        qkv_bias=True)
+    model = _randomised(transformers.ViTForImageClassification(config), seed)
+    directory = os.path.join(OUT, name)
+    os.makedirs(directory, exist_ok=True)
+    if name == "vit_hf":
+      model.save_pretrained(directory, safe_serialization=True)
+    else:
+      np.savez(os.path.join(directory, "model.npz"),
+               **_vision_transformer_names(model.state_dict(), 2, 2))
+    logits = _vit_logits(model, images)
+    np.savez_compressed(os.path.join(directory, "reference.npz"), images=images,
+                        logits=logits.astype(np.float32))
+    print(f"{directory}: logits {logits.round(3).tolist()}")
+
+
 def main() -> None:
   spiece = _spm_model()
   _t5("t5_v1_0", gated=False, spiece=spiece, seed=0, keep_spiece=True)
   _t5("t5_v1_1", gated=True, spiece=spiece, seed=1, keep_spiece=False)
+  _vit(seed=2)
   versions = {"python": sys.version.split()[0], "torch": torch.__version__,
               "transformers": transformers.__version__,
               "sentencepiece": spm.__version__, "numpy": np.__version__}

@@ -33,7 +33,9 @@ def build_model(config: ml_collections.ConfigDict,
         # frozen.
         mlp_norm_bias=not (s.restricted_norm and s.norm_projection == "clamp"),
         weight_noise=s.weight_noise, dtype=jnp.dtype(m.dtype), mlp_kernel=kernel,
-        attention_init=m.get("attention_init", "xavier"))
+        attention_init=m.get("attention_init", "xavier"),
+        classifier=m.get("classifier", "token"), norm_epsilon=m.get("norm_epsilon", 1e-6),
+        representation_size=m.get("representation_size", 0))
   if m.name == "t5":
     # T5's RMS norm has no bias, so the restricted norm differs only by its projection.
     return T5(T5Config(

@@ -1,4 +1,5 @@
-"""Vision Transformer (pre-LN, class token, learned position embeddings).
+"""Vision Transformer (pre-LN, class token or global average pooling, learned position
+embeddings).
 
 Vanilla = ReLU MLPs. Sparsified = J-SquaredReLU + zeroth bias + restricted LayerNorm
 (`mlp_norm_bias=False`: no bias on the norm before each MLP; its scale is clamped >= 1
@@ -44,17 +45,19 @@ class EncoderBlock(nn.Module):
   dtype: Dtype
   mlp_kernel: MlpKernel = MlpKernel()
   attention_init: str = "xavier"  # See `attention_inits`.
+  norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool, mixing):
     d = x.shape[-1]
-    h = layer_norm("attn_norm", dtype=self.dtype)(x)
+    h = layer_norm("attn_norm", dtype=self.dtype, epsilon=self.norm_epsilon)(x)
     x = x + MultiHeadAttention(self.num_heads, d // self.num_heads, dtype=self.dtype,
                                **attention_inits(self.attention_init),
                                name="attention")(h)
     # The from-scratch restricted LayerNorm has no bias: its output's offset is the zeroth
     # bias's job. (Finetuning keeps the bias, frozen by the optimizer.)
-    h = layer_norm("mlp_norm", use_bias=self.mlp_norm_bias, dtype=self.dtype)(x)
+    h = layer_norm("mlp_norm", use_bias=self.mlp_norm_bias, dtype=self.dtype,
+                   epsilon=self.norm_epsilon)(x)
     return x + SparseMlp(self.mlp_dim, self.activation, self.zeroth_bias_position,
                          self.max_len, (self.weight_noise, self.weight_noise),
                          dtype=self.dtype, mlp_kernel=self.mlp_kernel,
@@ -78,10 +81,17 @@ class VisionTransformer(nn.Module):
   mlp_kernel: MlpKernel = MlpKernel()  # How the MLP op runs ('xla' | 'pallas', tiles).
   attention_init: str = "xavier"  # 'xavier' | 'torch' (the official model's; see
                                   # `attention_inits`).
+  # 'token': the head reads a learned class token (`cls`); 'gap': the mean of the patch
+  # tokens (big_vision's pool_type='gap', no class token).
+  classifier: str = "token"
+  norm_epsilon: float = 1e-6  # big_vision / vision_transformer 1e-6; HF ViT 1e-12.
+  # > 0: a tanh dense layer `pre_logits` of this width before the head (the ImageNet-21k
+  # vision_transformer checkpoints' "representation layer").
+  representation_size: int = 0
 
   @property
   def num_tokens(self) -> int:
-    return (self.image_size // self.patch_size) ** 2 + 1
+    return (self.image_size // self.patch_size) ** 2 + (self.classifier == "token")
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool,
@@ -100,9 +110,11 @@ class VisionTransformer(nn.Module):
     bias = self.param("embedding_bias", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ("embed",)), (d,), jnp.float32)
     x = patches @ kernel.reshape(-1, d).astype(self.dtype) + bias.astype(self.dtype)
-    cls = self.param("cls", nn.with_logical_partitioning(
-        nn.initializers.zeros_init(), (None, None, "embed")), (1, 1, d), jnp.float32)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
+    if self.classifier == "token":
+      cls = self.param("cls", nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), (None, None, "embed")), (1, 1, d), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x],
+                          axis=1)
     pos = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, "position", "embed")),
                      (1, self.num_tokens, d), jnp.float32)
@@ -111,10 +123,14 @@ class VisionTransformer(nn.Module):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.activation,
                        self.zeroth_bias_position, self.mlp_norm_bias, self.num_tokens,
                        self.weight_noise, self.dtype, self.mlp_kernel,
-                       self.attention_init, name=f"block_{i}")(
+                       self.attention_init, self.norm_epsilon, name=f"block_{i}")(
                            x, deterministic=not train, mixing=mixing)
-    x = layer_norm("encoder_norm", dtype=self.dtype)(x)
+    x = layer_norm("encoder_norm", dtype=self.dtype, epsilon=self.norm_epsilon)(x)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size:
+      x = jnp.tanh(NoisyDense(self.representation_size, ("embed", "mlp"),
+                              name="pre_logits")(x))
     # Zero-initialised head, as in big_vision: every class starts equally likely.
     head = NoisyDense(self.num_classes, ("embed", "classes"),
                       kernel_init=nn.initializers.zeros_init(), name="head")
-    return head(x[:, 0]).astype(jnp.float32)
+    return head(x).astype(jnp.float32)

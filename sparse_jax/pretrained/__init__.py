@@ -4,19 +4,35 @@
 `<format>:<path>` names the format, a bare path is detected from its files. Formats:
 
   native  a sparse_jax run's workdir (config.json + orbax checkpoints)   native.py
-  hf      a Hugging Face T5 directory (config.json + model.safetensors)  hf_t5.py
+  hf      a Hugging Face directory (config.json + model.safetensors):
+          T5 (v1.0, v1.1, Flan-T5)                                     hf_t5.py
+          ViT (ViTModel, ViTForImageClassification)                    hf_vit.py
+  npz     a big_vision / vision_transformer ViT .npz                    npz_vit.py
 
 The trainer asks the source for its model config (`configure`), its params
 (`read_params`) and to write the finetuned model back in its layout (`export`); a new
 format is a new module here plus one line in FORMATS.
 """
 from sparse_jax.errors import ConfigError
-from sparse_jax.pretrained import hf_t5, native
+from typing import Callable
+
+from sparse_jax.pretrained import hf_t5, hf_vit, native, npz_vit
 from sparse_jax.pretrained.base import Source
 
-FORMATS: dict[str, type[Source]] = {"native": native.NativeSource, "hf": hf_t5.HfT5Source}
+
+def _hf(location: str, step: int = -1) -> Source:
+  """A HF directory: a ViT when its config.json says so, else a T5."""
+  if hf_vit.is_hf_vit(location):
+    return hf_vit.HfViTSource(location, step)
+  return hf_t5.HfT5Source(location, step)
+
+
+FORMATS: dict[str, Callable[[str, int], Source]] = {
+    "native": native.NativeSource, "hf": _hf, "npz": npz_vit.NpzViTSource}
 # Detection order for a bare path: the first whose test accepts the files wins.
-_DETECT = ((hf_t5.is_hf_t5, hf_t5.HfT5Source), (native.is_workdir, native.NativeSource))
+_DETECT = ((hf_t5.is_hf_t5, hf_t5.HfT5Source), (hf_vit.is_hf_vit, hf_vit.HfViTSource),
+           (lambda p: p.endswith(".npz"), npz_vit.NpzViTSource),
+           (native.is_workdir, native.NativeSource))
 
 
 def split_format(checkpoint: str) -> tuple[str | None, str]:

@@ -59,7 +59,9 @@ def is_hf_t5(location: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- config
-def read_config(location: str) -> dict[str, Any]:
+def read_config(location: str, model_types: tuple[str, ...] = ("t5", "mt5")
+                ) -> dict[str, Any]:
+  """config.json of the HF directory `location` (ConfigError unless a `model_types`)."""
   path = epath.Path(location) / CONFIG
   if not path.exists():
     raise ConfigError(f"finetune.checkpoint=hf:{location} has no {CONFIG}.\n{_FIX}")
@@ -67,9 +69,9 @@ def read_config(location: str) -> dict[str, Any]:
     config = json.loads(path.read_text())
   except ValueError as e:
     raise ConfigError(f"{path} is not valid JSON ({e}).\n{_FIX}") from None
-  if config.get("model_type") not in ("t5", "mt5"):
+  if config.get("model_type") not in model_types:
     raise ConfigError(f"{path} describes a {config.get('model_type')!r} model; "
-                      f"hf: sources here are T5 (model_type 't5').\n{_FIX}")
+                      f"hf: sources here are T5 and ViT (model_type 't5', 'vit').\n{_FIX}")
   return config
 
 
@@ -208,7 +210,7 @@ def _our_shape(kind: str, shape: tuple[int, ...], heads: int) -> tuple[int, ...]
 
 
 # ----------------------------------------------------------------------------- tensors
-class _Tensors:
+class TensorFiles:
   """Names, shapes and values of the tensors of one HF weights directory."""
 
   def __init__(self, location: str):
@@ -286,7 +288,7 @@ class HfT5Source(base.Source):
     layout = self._layout()
     mapping = _mapping(layout)
     heads = layout["model.num_heads"]
-    tensors = _Tensors(self.location)
+    tensors = TensorFiles(self.location)
     shapes = {}
     for name in tensors.names():
       if _ALIASES.match(name) or (name == "lm_head.weight" and layout["hf_tied"]):
@@ -309,7 +311,7 @@ class HfT5Source(base.Source):
                           "source sets them; do not override model.* on the command line).")
     layout = self._layout()
     by_path = {ours: (hf, kind) for hf, (ours, kind) in _mapping(layout).items()}
-    tensors = _Tensors(self.location)
+    tensors = TensorFiles(self.location)
 
     def reader(path):
       hf, kind = by_path[path]

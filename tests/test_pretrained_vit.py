@@ -1,0 +1,109 @@
+"""ViT checkpoints as finetune sources: big_vision / vision_transformer `.npz` and HF ViT
+(tests/fixtures, written by tools/make_reference_fixtures.py with transformers and
+torch) import to the reference logits, export to `.npz` and back exactly, keep the run's
+head for another label set, and say what does not fit."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import REPO
+from sparse_jax import config_schema, finetune, train
+from sparse_jax.errors import ConfigError
+from sparse_jax.pretrained import npz_vit
+
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+
+
+def _config(checkpoint: str, num_classes: int = 5):
+  c = config_schema.apply_variant(config_schema.base_config(), "finetune")
+  c.image_size, c.num_classes = 8, num_classes
+  c.batch_size = c.eval_batch_size = 2
+  c.finetune.update(dict(checkpoint=checkpoint, lora_rank=0, trainable=""))
+  return c
+
+
+def _imported(checkpoint: str, num_classes: int = 5):
+  config, source = finetune.configured(_config(checkpoint, num_classes))
+  exp = train.build_experiment(config, source=source)
+  return config, source, exp, train.init_state(exp).params
+
+
+@pytest.mark.parametrize("checkpoint,activation,eps", [
+    ("hf:{}/vit_hf", "gelu", 1e-12), ("npz:{}/vit_npz/model.npz", "gelu_tanh", 1e-6)])
+def test_vit_imports_to_the_reference_logits(checkpoint, activation, eps):
+  name = checkpoint.split("/")[1]
+  ref = np.load(os.path.join(FIXTURES, name, "reference.npz"))
+  config, _, exp, params = _imported(checkpoint.format(FIXTURES))
+  m = config.model
+  assert (m.hidden_size, m.patch_size, m.num_layers, m.num_heads, m.mlp_dim) == (
+      16, 4, 2, 2, 32)
+  assert m.classifier == "token" and m.norm_epsilon == eps
+  assert config.sparsity.mixing_source == activation
+  logits = exp.model.apply({"params": params}, ref["images"], train=False, mixing=0.0)
+  scale = np.abs(ref["logits"]).max()
+  assert scale > 1.0
+  np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=3e-5 * scale)
+  # Mixed all the way (k = 1) it is another function: the activation is really applied.
+  assert not np.allclose(exp.model.apply({"params": params}, ref["images"], train=False,
+                                         mixing=1.0), ref["logits"], atol=1e-2)
+
+
+@pytest.mark.parametrize("checkpoint", ["hf:{}/vit_hf", "{}/vit_npz/model.npz"])
+def test_export_to_npz_then_import_gives_identical_params(tmp_path, checkpoint):
+  config, source, _, params = _imported(checkpoint.format(FIXTURES))
+  params = jax.tree.map(lambda x: x + 0.25, params)  # Zeroth biases included.
+  path = source.export(params, config, str(tmp_path))
+  with np.load(path) as npz:
+    assert json.loads(str(npz["sparse_jax"])) == {"activation": "jsrelu",
+                                                   "zeroth_bias_position": "mlp_output"}
+    assert npz["Transformer/encoderblock_1/MlpBlock_3/zeroth_bias"].shape == (5, 16)
+  again, _, _, params2 = _imported(f"npz:{path}")
+  assert again.sparsity.mixing_source == "jsrelu"
+  a = traverse_util.flatten_dict(jax.device_get(params))
+  b = traverse_util.flatten_dict(jax.device_get(params2))
+  assert a.keys() == b.keys()
+  for p in a:
+    np.testing.assert_array_equal(a[p], b[p], err_msg="/".join(p))
+
+
+def test_another_label_set_keeps_the_runs_zero_head_and_gap_has_no_class_token(tmp_path):
+  _, _, _, params = _imported(f"hf:{FIXTURES}/vit_hf", num_classes=7)
+  assert params["head"]["kernel"].shape == (16, 7) and not np.any(params["head"]["kernel"])
+  with np.load(os.path.join(FIXTURES, "vit_npz", "model.npz")) as npz:
+    arrays = {k: npz[k] for k in npz.files if k != "cls"}
+  pos = "Transformer/posembed_input/pos_embedding"
+  arrays[pos] = arrays[pos][:, 1:]  # GAP: the patch positions only.
+  np.savez(tmp_path / "gap.npz", **arrays)
+  config, _, exp, params = _imported(f"npz:{tmp_path}/gap.npz")
+  assert config.model.classifier == "gap" and "cls" not in params
+  np.testing.assert_array_equal(params["pos_embedding"], arrays[pos])
+  assert exp.model.apply({"params": params}, np.zeros((1, 8, 8, 3)), train=False).shape == (
+      1, 5)
+
+
+def test_what_does_not_fit_is_named(tmp_path):
+  c = _config(f"npz:{FIXTURES}/vit_npz/model.npz")
+  c.image_size = 16
+  with pytest.raises(ConfigError, match=r"trained on 8px images(.|\n)*\nFix: pass "
+                     r"--config.image_size=8\.$"):
+    finetune.configured(c)
+  t5 = config_schema.apply_variant(config_schema.t5_config(), "finetune")
+  t5.finetune.checkpoint = f"npz:{FIXTURES}/vit_npz/model.npz"
+  with pytest.raises(ConfigError, match="is a ViT checkpoint, but the config's model is "
+                     "'t5'"):
+    finetune.configured(t5)
+  with np.load(os.path.join(FIXTURES, "vit_npz", "model.npz")) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  arrays["MAPHead_0/probe"] = np.zeros((1, 1, 16), np.float32)
+  np.savez(tmp_path / "map.npz", **arrays)
+  with pytest.raises(ConfigError, match=r"its tensor MAPHead_0/probe is not part of a ViT "
+                     r"sparse_jax reads \(MAP heads are not supported yet\)"):
+    finetune.configured(_config(f"npz:{tmp_path}/map.npz"))
+  assert npz_vit.npz_name(("block_3", "mlp", "wi", "kernel")) == (
+      "Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel")
+  assert npz_vit.our_path("Transformer/encoderblock_3/MlpBlock_0/Dense_1/bias") == (
+      "block_3", "mlp", "wo", "bias")  # big_vision's names too.
