@@ -158,3 +158,36 @@ def test_mixing_from_gelu_starts_at_gelu_and_ends_at_jsrelu():
                              activations.jsrelu(z), rtol=1e-6)
   assert activations.mixed("relu") == "mixed"
   assert not activations.zero_below_zero(mixed)
+
+
+def test_a_run_trained_here_exports_to_the_hf_layout_and_imports_back(tmp_path):
+  """sparse_jax.export: a native T5 run (LoRA merged) -> a HF directory with its
+  vocabulary -> `hf:` gives the run's params and the same logits."""
+  from sparse_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from sparse_jax import export  # pylint: disable=import-outside-toplevel
+  spiece = os.path.join(FIXTURES, "t5_v1_0", "spiece.model")
+  run = config_schema.apply_variant(config_schema.t5_config(), "sparsified")
+  run.model.update(dict(vocab_size=256, d_model=16, num_heads=2, head_dim=8, d_ff=32,
+                        num_encoder_layers=1, num_decoder_layers=1, max_len=16))
+  run.text.update(dict(inputs_length=12, targets_length=7, vocabulary_path=spiece))
+  run.batch_size = run.eval_batch_size = 2
+  exp = train.build_experiment(run)
+  state = train.init_state(exp)
+  params = jax.tree.map(lambda x: x + 0.125, state.params)  # Nonzero zeroth biases.
+  state = state.replace(params=params)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(train.config_json(run))
+  saver = ckpt_lib.Checkpointer(str(workdir), save_every=1)
+  saver.save(5, state, force=True)
+  saver.close()
+
+  out = export.export_run(str(workdir), str(tmp_path / "hf"))
+  assert (tmp_path / "hf" / "spiece.model").read_bytes() == open(spiece, "rb").read()
+  config, _, exp2, params2 = _imported(f"hf:{out}", variant="sparsified")
+  assert config.sparsity.activation == "jsrelu" and config.model.max_len == 16
+  a = traverse_util.flatten_dict(jax.device_get(params))
+  b = traverse_util.flatten_dict(jax.device_get(params2))
+  assert a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(path))
