@@ -335,3 +335,20 @@ def test_a_workdir_from_before_the_finetune_keys_still_resumes(tmp_path):
   c.finetune.lora_rank = 3
   with pytest.raises(ConfigError, match="finetune.lora_rank: None there, 3 now"):
     train.check_workdir(str(tmp_path), c)
+
+
+def test_a_source_saved_before_new_model_keys_is_the_same_architecture(tmp_path):
+  """Model keys the schema gained after the source run was saved count as their
+  defaults (a vanilla run from an older sparse_jax finetunes as before)."""
+  source = _tiny_t5("vanilla")
+  saved = json.loads(train.config_json(source))
+  del saved["model"]["gated_mlp"], saved["model"]["output_rescale"]
+  workdir = tmp_path / "vanilla"
+  (workdir / "checkpoints" / "3").mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps(saved))
+  c = _tiny_t5("finetune")
+  c.finetune.update(dict(checkpoint=str(workdir), lora_rank=4, lora_targets="kernel$"))
+  finetune.check_source(c)
+  c.model.gated_mlp = True
+  with pytest.raises(ConfigError, match=r"model.gated_mlp: False there, True here"):
+    finetune.check_source(c)

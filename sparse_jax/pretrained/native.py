@@ -17,7 +17,7 @@ from etils import epath
 from flax import traverse_util
 
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import run_files
+from sparse_jax import config_schema, run_files
 from sparse_jax.errors import ConfigError
 from sparse_jax.ops.activations import SOURCE_ACTIVATIONS
 from sparse_jax.pretrained import base
@@ -81,7 +81,10 @@ class NativeSource(base.Source):
     """Checks that the run is the same model (its config.json) and holds a checkpoint;
     the mixed activation starts from the source's."""
     saved = self.saved_config()
-    source_model = saved.get("model", {})
+    # Model keys the schema gained after the source run was saved are its defaults.
+    defaults = config_schema.defaults_for(config).model.to_dict()
+    source_model = {k: v for k, v in defaults.items() if k in config.model} | saved.get(
+        "model", {})
     model = config.model.to_dict()
     diff = sorted(k for k in source_model.keys() | model.keys()
                   if k not in MODEL_KEYS_FREE_TO_DIFFER and
