@@ -414,3 +414,45 @@ def test_cached_decoding_with_explicit_gemma_style_caches():
     block.mlp.zeroth_bias[...] = jnp.broadcast_to(block.mlp.zeroth_bias[0:1], (LEN, D))
   changed, _ = nnx.jit(lambda m: m(tokens, positions, None, causal))(model)
   assert not np.allclose(changed, expected, atol=1e-3)
+
+
+class AxesScannedTransformer(ScannedTransformer):
+  """nnx.scan with StateAxes: only the listed state on the layer axis, the rest
+  broadcast."""
+
+  def __init__(self, axes: nnx.StateAxes, *, rngs: nnx.Rngs):
+    super().__init__(rngs=rngs)
+    self.axes = axes
+
+  def __call__(self, tokens):
+    @nnx.scan(in_axes=(nnx.Carry, self.axes), out_axes=nnx.Carry)
+    def body(x, layer):
+      return layer(x)
+
+    return self.head(body(self.embed(tokens), self.layers))
+
+
+def test_scan_that_broadcasts_the_captured_state_raises():
+  tokens, _ = _data()
+  carried = nnx.StateAxes({(nnx.Param, nnx.RngState, nnx.Intermediate, nnx.Perturbation): 0,
+                           ...: None})
+  model = sparse_jax.sparsify(AxesScannedTransformer(carried, rngs=nnx.Rngs(0)),
+                              max_len=LEN)
+  _, sown = nnx.capture(model, nnx.Intermediate)(tokens)
+  assert sown["layers"]["mlp"]["z"][0].shape == (3, BATCH, LEN, FF)
+  # Broadcast, what the blocks store is dropped by NNX: an error instead of nothing.
+  params_only = nnx.StateAxes({(nnx.Param, nnx.RngState): 0, ...: None})
+  model = sparse_jax.sparsify(AxesScannedTransformer(params_only, rngs=nnx.Rngs(0)),
+                              max_len=LEN)
+  expected = model(tokens)  # Outside nnx.capture nothing is stored: no error.
+  for kind in (nnx.Intermediate, nnx.Perturbation):
+    with pytest.raises(ValueError, match=(
+        rf"MLP blocks \['layers/mlp'\] stored their {kind.__name__} values inside a "
+        r"lifted transform .*\nFix: put nnx.Intermediate and nnx.Perturbation on the "
+        r"layer axis.*observe=False")):
+      nnx.capture(model, kind)(tokens)
+  quiet = sparse_jax.sparsify(AxesScannedTransformer(params_only, rngs=nnx.Rngs(0)),
+                              max_len=LEN, observe=False)
+  out, sown = nnx.capture(quiet, nnx.Intermediate)(tokens)
+  assert not sown
+  np.testing.assert_array_equal(out, expected)

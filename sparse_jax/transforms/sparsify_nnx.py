@@ -29,7 +29,11 @@ stay as they were, plus one `zeroth_bias` `nnx.Param` per block):
 
 The subclasses are made once per original class, so graph definitions stay equal from
 call to call (`nnx.jit` caches). Layers stacked by `nnx.vmap` (kernels [layers, ...])
-get a stacked zeroth bias [layers, max_len, d]; `nnx.scan` over them slices it.
+get a stacked zeroth bias [layers, max_len, d]; `nnx.scan` over them slices it. A scan
+whose `StateAxes` broadcast `nnx.Intermediate` / `nnx.Perturbation` makes NNX drop what
+the blocks store inside it; the model itself is swapped too, so that after a call in
+which blocks stored values but none reached the captures it raises instead of letting
+`nnx.capture` come back empty.
 """
 import dataclasses
 import re
@@ -179,6 +183,39 @@ def _parent_call(self, *args, **kwargs):
         del _DECODING[id(block)]
 
 
+# Per model call in progress: how many blocks sowed or probed inside nnx.capture.
+_OBSERVED: list[list[str]] = []
+
+
+def _root_call(self, *args, **kwargs):
+  """The sparsified model's call: afterwards, refuses to let nnx.capture come back
+  empty because a lifted transform dropped what the blocks stored."""
+  observed: list[str] = []
+  _OBSERVED.append(observed)
+  try:
+    out = self._sparsify_root.__call__(self, *args, **kwargs)
+  finally:
+    _OBSERVED.pop()
+  if observed:
+    _check_captured(self, observed)
+  return out
+
+
+def _check_captured(model: nnx.Module, observed: list[str]) -> None:
+  blocks = [m for _, m in nnx.iter_modules(model)
+            if hasattr(m, "_sparsify_config") and _capturing(m)]
+  for kind in (nnx.Intermediate, nnx.Perturbation):
+    captures = [v for m in blocks for v in m.__captures__ if type(v) is kind]
+    if captures and not any("z" in v for v in captures):
+      raise ValueError(
+          f"MLP blocks {sorted(set(observed))} stored their {kind.__name__} values "
+          "inside a lifted transform (nnx.scan, nnx.vmap) that broadcasts that state, "
+          "so NNX dropped them and nnx.capture would return nothing.\nFix: put "
+          "nnx.Intermediate and nnx.Perturbation on the layer axis, e.g. in_axes="
+          "(nnx.Carry, nnx.StateAxes({(nnx.Param, nnx.Intermediate, nnx.Perturbation): "
+          "0, ...: None})), or sparsify(..., observe=False) to train without the hooks.")
+
+
 # --------------------------------------------------------------- the children's calls
 def _linear_call(self, x, *args, **kwargs):
   original = self._sparsify_original.__call__
@@ -256,6 +293,8 @@ def _decide(frame: _Frame) -> None:
   observe = config.observe and _capturing(block)
   z = frame.projections[gate].outputs
   if observe:
+    if _OBSERVED:
+      _OBSERVED[-1].append(_path(block))
     z = block.perturb("z", z)
   mixing = block.mixing.get_value() if isinstance(getattr(block, "mixing", None),
                                                   Mixing) else 1.0
@@ -279,13 +318,15 @@ _SUBCLASSES: dict[tuple[type, str], type] = {}
 
 
 def _swap(obj: Any, kind: str, call: Callable) -> None:
+  """Gives `obj` a subclass of its class whose __call__ is `call` (once per kind: a
+  model that is also a layer's parent gets both wrappers, a second sparsify none)."""
   cls = type(obj)
-  if getattr(cls, "_sparsify_kind", None) == kind:
+  if any(c.__dict__.get("_sparsify_kind") == kind for c in cls.__mro__):
     return
   key = (cls, kind)
   if key not in _SUBCLASSES:
     attribute = {"block": "_sparsify_original", "parent": "_sparsify_parent",
-                 "child": "_sparsify_original"}[kind]
+                 "child": "_sparsify_original", "root": "_sparsify_root"}[kind]
     _SUBCLASSES[key] = type(cls)(cls.__name__, (cls,), {
         "__call__": call, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
         "_sparsify_kind": kind, attribute: cls})
@@ -366,6 +407,8 @@ def sparsify_nnx(model: nnx.Module, *, rule: MlpRule, activation: ActivationName
     parent = modules.get(path[:-1]) if path else None
     if isinstance(parent, nnx.Module) and not isinstance(parent, nnx.List):
       _swap(parent, "parent", _parent_call)
+  if observe and found[0][0]:  # (A model that is itself the block needs no check.)
+    _swap(model, "root", _root_call)
   return model
 
 
