@@ -147,8 +147,8 @@ def write_failure(error: BaseException, workdir: str, state_bytes: int | None = 
   steps = complete_checkpoints(checkpoints)
   gone = not os.path.isdir(workdir)
   if gone:
-    resume = (f"{workdir} no longer exists, so a rerun starts from scratch unless it "
-              "comes back (a storage unmounted or removed while the run was going)")
+    resume = (f"{workdir} no longer exists (removed, or its disk unmounted, while the "
+              "run was going), so a rerun starts from scratch unless it comes back")
   elif steps:
     resume = (f"rerunning the same command resumes from the last complete checkpoint, "
               f"step {steps[-1]}; nothing written before is lost")
@@ -157,7 +157,7 @@ def write_failure(error: BaseException, workdir: str, state_bytes: int | None = 
               "from step 0")
   need = (directory_bytes(os.path.join(checkpoints, str(steps[-1]))) if steps
           else state_bytes)
-  free = free_bytes(workdir)
+  free = free_bytes(os.path.realpath(path) if path else workdir)  # (Links followed.)
   space = ""
   if code in (errno.ENOSPC, errno.EDQUOT):
     space = (f" ({_size(free)} free" if free is not None else " (")

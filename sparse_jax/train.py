@@ -659,8 +659,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     if hasattr(local_batches, "close"):  # Stops the text pipeline's prefetch thread.
       local_batches.close()
-    writer.flush()
-    checkpointer.wait()
+    try:
+      writer.flush()
+    finally:  # A failed events write (full disk) still lets a save in flight finish.
+      checkpointer.wait()
 
   if preempted is not None:
     # Closed, not only flushed: no writer or orbax thread is left behind, so the

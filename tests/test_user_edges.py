@@ -150,6 +150,13 @@ def _in_private_tmpfs(tmp_path, mount: str, size: str, script: str):
                         text=True, timeout=900, env=cli_env(), cwd=REPO)
 
 
+def _step(out, name: str, args: str) -> str:
+  """The shell line that runs the CLI with `args`, keeping its exit code and output
+  as out/name.rc, .out, .err (the script stops at other failures: sh -e)."""
+  return (f"rc=0; $MAIN {args} > {out}/{name}.out 2> {out}/{name}.err || rc=$?; "
+          f"echo $rc > {out}/{name}.rc")
+
+
 def _check_write_error(stderr: str, *phrases: str) -> None:
   """One message, no traceback (of any thread), the last line the fix."""
   assert "Traceback" not in stderr and "AsyncError" not in stderr, stderr[-3000:]
@@ -173,10 +180,10 @@ def test_disk_that_fills_stops_the_run_and_a_rerun_resumes(tmp_path, data_dir, c
   out = tmp_path / "out"
   out.mkdir()
   proc = _in_private_tmpfs(tmp_path, mount, "1200k", f"""
-      $MAIN {args} > {out}/first.out 2> {out}/first.err || echo $? > {out}/first.rc
+      {_step(out, "first", args)}
       ls {mount}/run/checkpoints > {out}/checkpoints
       mount -o remount,size=20m {mount}
-      $MAIN {args} > {out}/second.out 2> {out}/second.err; echo $? > {out}/second.rc
+      {_step(out, "second", args)}
       """)
   if proc.returncode == 90:
     pytest.skip("tmpfs mount failed: " + proc.stderr)
@@ -197,3 +204,112 @@ def test_disk_that_fills_stops_the_run_and_a_rerun_resumes(tmp_path, data_dir, c
   assert (out / "second.rc").read_text().strip() == "0", second[-3000:]
   assert f"Resuming from checkpoint at step {resumed}" in second
   assert "Done: eval accuracy" in second
+
+
+def _args(workdir, data_dir, cache_dir, *extra):
+  return " ".join([f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}",
+                   f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
+                   *TINY_RUN, *extra])
+
+
+def _results(out, name):
+  """(exit code, stderr) of the script's run `name`."""
+  return int((out / f"{name}.rc").read_text()), (out / f"{name}.err").read_text()
+
+
+@needs_mount
+def test_each_writer_on_a_full_disk(tmp_path, data_dir, cache_dir):
+  """metrics.jsonl, summary.json and the TensorBoard events each meet a full disk
+  (files of the workdir linked into a full tmpfs, so that one writer at a time fails):
+  each stops the run naming its file; reruns resume and finish."""
+  mount, run, out = str(tmp_path / "full"), tmp_path / "run", tmp_path / "out"
+  run.mkdir()
+  out.mkdir()
+  args = _args(run, data_dir, cache_dir, "--config.num_steps=20",
+               "--config.checkpoint_every=5", "--config.log_every=5")
+  events = tmp_path / "events_disk"
+  events_args = _args(f"{events}/run", data_dir, cache_dir, "--config.num_steps=20",
+                      "--config.checkpoint_every=5", "--config.log_every=5")
+  step = lambda name, a: _step(out, name, a)
+  proc = _in_private_tmpfs(tmp_path, mount, "64k", f"""
+      touch {mount}/metrics {mount}/summary
+      dd if=/dev/zero of={mount}/filler bs=4k 2>/dev/null || true  # Fills it.
+      ln -s {mount}/metrics {run}/metrics.jsonl
+      {step("metrics", args)}
+      rm {run}/metrics.jsonl
+      ln -s {mount}/summary {run}/summary.json.tmp
+      {step("summary", args)}
+      rm {run}/summary.json.tmp
+      {step("summary_rerun", args)}
+      mkdir -p {events} {tmp_path}/elsewhere/checkpoints
+      mount -t tmpfs -o size=8k tmpfs {events}
+      mkdir {events}/run
+      ln -s {tmp_path}/elsewhere/checkpoints {events}/run/checkpoints
+      ln -s {tmp_path}/elsewhere/metrics.jsonl {events}/run/metrics.jsonl
+      {step("events", events_args)}
+      """)
+  if proc.returncode == 90:
+    pytest.skip("tmpfs mount failed: " + proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+
+  rc, err = _results(out, "metrics")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {run}/metrics.jsonl failed: no space left on device",
+                     "no checkpoint was complete yet, so rerunning the same command "
+                     "starts from step 0", "a checkpoint of this run needs about ")
+  rc, err = _results(out, "summary")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {run}/summary.json failed: no space left on device",
+                     "resumes from the last complete checkpoint, step 20")
+  rc, err = _results(out, "summary_rerun")
+  assert rc == 0 and "Done: eval accuracy" in err, err[-3000:]
+  assert json.loads((run / "summary.json").read_text())["step"] == 20
+  rc, err = _results(out, "events")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {events}/run/events.out.tfevents.",
+                     "failed: no space left on device")
+
+
+@needs_mount
+def test_workdir_made_read_only_or_removed_mid_run(tmp_path, data_dir, cache_dir):
+  """A workdir that turns read-only (a read-only bind mount over it: root ignores
+  permission bits) or disappears while the run goes on stops the run at its next write
+  with the reason; the read-only one resumes once writable again."""
+  mount, out = str(tmp_path / "disk"), tmp_path / "out"
+  out.mkdir()
+  work, gone = f"{mount}/run", f"{mount}/gone"
+  args = lambda w: _args(w, data_dir, cache_dir, "--config.num_steps=300",
+                         "--config.checkpoint_every=50", "--config.log_every=1",
+                         "--config.eval_every=100")
+  wait_lines = lambda w, n: (f"until [ -f {w}/metrics.jsonl ] && "
+                             f"[ $(wc -l < {w}/metrics.jsonl) -ge {n} ]; do sleep 0.1; done")
+  proc = _in_private_tmpfs(tmp_path, mount, "20m", f"""
+      $MAIN {args(work)} > {out}/ro.out 2> {out}/ro.err &
+      PID=$!
+      {wait_lines(work, 60)}
+      mount --bind -o ro {work} {work}
+      rc=0; wait $PID || rc=$?; echo $rc > {out}/ro.rc
+      umount {work}
+      {_step(out, "rerun", args(work))}
+      $MAIN {args(gone)} > {out}/gone.out 2> {out}/gone.err &
+      PID=$!
+      {wait_lines(gone, 10)}
+      rm -rf {gone}
+      rc=0; wait $PID || rc=$?; echo $rc > {out}/gone.rc
+      """)
+  if proc.returncode == 90:
+    pytest.skip("tmpfs mount failed: " + proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+  rc, err = _results(out, "ro")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {work}/", "failed: read-only file system",
+                     "resumes from the last complete checkpoint, step ",
+                     f"Fix: make {work} writable again")
+  resumed = err.split("checkpoint, step ")[1].split(";")[0]
+  rc, err = _results(out, "rerun")
+  assert rc == 0, err[-3000:]
+  assert f"Resuming from checkpoint at step {resumed}" in err and "Done" in err
+  rc, err = _results(out, "gone")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {gone}/", "failed: the workdir is gone",
+                     f"{gone} no longer exists", "Fix: put the workdir back")
