@@ -73,8 +73,9 @@ Match = MlpRule | type | tuple[type, ...] | str | Callable[[nn.Module], bool] | 
 
 
 def mlp_rule(match: Match = None) -> MlpRule:
-  """Normalises a `match` argument: None (default rule), a Module class or tuple of
-  classes, a regex on the module path, a predicate on the module, or an `MlpRule`."""
+  """Normalises a `match` argument: None (default rule), a Module class (Linen or NNX)
+  or tuple of classes, a regex on the module path, a predicate on the module, or an
+  `MlpRule`."""
   if match is None:
     return MlpRule()
   if isinstance(match, MlpRule):

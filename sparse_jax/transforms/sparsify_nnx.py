@@ -109,9 +109,12 @@ def _block_call(self, *args, **kwargs):
   original = self._sparsify_original.__call__
   children = tuple(v for v in vars(self).values()
                    if isinstance(v, LINEAR_TYPES + (nnx.Dropout,)))
-  if config.zeroth_bias == "mlp_input":
-    x = args[0]
-    args = (x + _zeroth_rows(self, x),) + tuple(args[1:])
+  if config.zeroth_bias == "mlp_input":  # The input: first positional, or x= / inputs=.
+    if args:
+      args = (args[0] + _zeroth_rows(self, args[0]),) + tuple(args[1:])
+    else:
+      key = "inputs" if "inputs" in kwargs else "x"
+      kwargs = dict(kwargs, **{key: kwargs[key] + _zeroth_rows(self, kwargs[key])})
   frame = _Frame(self, config, children)
   _FRAMES.append(frame)
   try:
