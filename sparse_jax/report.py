@@ -22,11 +22,14 @@ ratio of each variant to vanilla is the ratio of geometric means with a 95% Welc
 interval on the log ratio.
 """
 import dataclasses
+import hashlib
 import html
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -159,6 +162,69 @@ def _ordered_points(runs: list[RunData]) -> list[str]:
 def _ordered_variants(runs: list[RunData]) -> list[str]:
   present = {r.variant for r in runs}
   return [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER))
+
+
+# What makes runs comparable in one report: the same model on the same data.
+ALIKE_KEYS = ("model.name", "dataset")
+
+
+def check_alike(runs: list[RunData]) -> None:
+  """ConfigError unless every run has the same ALIKE_KEYS: a report compares variants
+  and grid points of one experiment, and runs of two models (a ViT and a T5 study)
+  would make every key where they differ a grid axis of meaningless points."""
+  groups: dict[tuple, list[str]] = {}
+  for r in runs:
+    flat = config_schema.flatten(r.config)
+    groups.setdefault(tuple(flat.get(k) for k in ALIKE_KEYS), []).append(r.path)
+  if len(groups) < 2:
+    return
+  shown = "; ".join(
+      ", ".join(f"{k}={v!r}" for k, v in zip(ALIKE_KEYS, key) if v is not None)
+      + f": {len(paths)} run(s), e.g. {paths[0]}" for key, paths in groups.items())
+  raise ConfigError(f"The runs are of {len(groups)} different experiments ({shown}); a "
+                    "report compares runs of one model on one dataset.\nFix: report each "
+                    "on its own, e.g. python -m sparse_jax.report <its study>/runs --out "
+                    "<its report dir>.")
+
+
+def left_out(runs: list[RunData]) -> list[str]:
+  """'path: why' for each run the report leaves out (not finished)."""
+  lines = []
+  for r in runs:
+    if r.summary is not None:
+      continue
+    steps = r.config.get("num_steps")
+    summary = read_json(epath.Path(r.path) / SUMMARY_FILE)
+    if summary is not None:
+      why = f"its summary.json is of step {summary.get('step')}, its config runs {steps}"
+    else:
+      last = r.history[-1]["step"] if r.history else 0
+      why = f"not finished (no summary.json; logged up to step {last} of {steps})"
+    lines.append(f"{r.path}: {why}")
+  return lines
+
+
+def check_out(out: str) -> None:
+  """ConfigError unless --out is a directory that exists or can be made, writable."""
+  if "://" in out:
+    return
+  path = os.path.abspath(out)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--out={out} is a file, not a folder; the report writes report.md, "
+                      "report.html, summary.json and figures into a folder.\n"
+                      f"Fix: pass --out a new or existing folder, e.g. --out={out}_report.")
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ConfigError(f"--out={out} cannot be created: {probe} is a file.\n"
+                      "Fix: pass --out a folder in a directory you can write to.")
+  try:
+    with tempfile.TemporaryFile(dir=probe):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--out={out} is not writable ({e.strerror} in {probe}).\n"
+                      "Fix: pass --out a folder in a directory you can write to.") from None
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -360,8 +426,15 @@ def _family_panels(runs, prefix: str) -> list[list[tuple[str, str]]]:
   return rows
 
 
-def _safe(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+def _safe(name: str, limit: int = 100) -> str:
+  """`name` as part of a file name: other characters replaced, and at most `limit`
+  long (a grid over many keys makes long point names; filesystems allow 255 bytes),
+  the cut made unique by a hash of the whole name."""
+  safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+  if len(safe) <= limit:
+    return safe
+  digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+  return f"{safe[:limit - len(digest) - 1]}_{digest}"
 
 
 def curve_figures(runs: list[RunData], out: epath.Path) -> list[tuple[str, str]]:
@@ -836,7 +909,16 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
       cli.fail(f"No runs (config.json) found under {', '.join(dirs)}.\n"
                "Fix: pass run workdirs or folders holding them.")
+    try:  # Before --out is touched.
+      check_alike(runs)
+      check_out(out.value)
+    except ConfigError as e:
+      cli.fail(str(e))
     path = write_report(dirs, out.value, runs=runs)
+    skipped = left_out(runs)
+    if skipped:
+      print(f"sparse_jax report: left out {len(skipped)} of {len(runs)} run(s):\n  "
+            + "\n  ".join(skipped), file=sys.stderr)
     print(epath.Path(path) / "report.md")
 
   app.run(run, argv=argv or sys.argv)

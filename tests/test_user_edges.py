@@ -313,3 +313,71 @@ def test_workdir_made_read_only_or_removed_mid_run(tmp_path, data_dir, cache_dir
   assert rc == 1, err[-3000:]
   _check_write_error(err, f"Writing {gone}/", "failed: the workdir is gone",
                      f"{gone} no longer exists", "Fix: put the workdir back")
+
+
+# ----------------------------------------------------------------------------- 4. reports
+def _report(*args):
+  return subprocess.run([sys.executable, "-m", "sparse_jax.report", *args],
+                        capture_output=True, text=True, env=cli_env(), cwd=REPO,
+                        timeout=300)
+
+
+def _finished_run(path, model, dataset, seed, variant="vanilla", finished=True, **extra):
+  """A run's files as train_and_evaluate writes them (10 steps, one eval)."""
+  path.mkdir(parents=True)
+  config = {"seed": seed, "variant": variant, "num_steps": 10, "dataset": dataset,
+            "model": {"name": model, **extra}}
+  (path / "config.json").write_text(json.dumps(config))
+  record = {"step": 5, "train/loss": 2.0, "train/activation_density/mean": 0.4}
+  (path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+  if finished:
+    (path / "summary.json").write_text(json.dumps({
+        "step": 10, "wall_time_s": 3.0, "eval/loss": 1.5, "eval/accuracy": 0.5,
+        "eval/activation_density/mean": 0.3 + 0.01 * seed, "config": config}))
+
+
+def test_report_refuses_unlike_runs_and_a_file_as_out(tmp_path):
+  vit, t5 = tmp_path / "vit_study" / "runs", tmp_path / "t5_study" / "runs"
+  for seed in (0, 1):
+    _finished_run(vit / f"seed_{seed}", "vit", "sklearn_digits", seed, mlp_dim=64)
+    _finished_run(t5 / f"seed_{seed}", "t5", "c4/en", seed, d_ff=128)
+  out = tmp_path / "report"
+  proc = _report(str(vit), str(t5), f"--out={out}")
+  assert_clean_error(proc, "The runs are of 2 different experiments",
+                     "model.name='vit', dataset='sklearn_digits': 2 run(s)",
+                     "model.name='t5', dataset='c4/en': 2 run(s)",
+                     "Fix: report each on its own")
+  assert not out.exists()  # Nothing written, not even an empty --out.
+
+  existing = tmp_path / "notes.md"
+  existing.write_text("mine")
+  proc = _report(str(vit), f"--out={existing}")
+  assert_clean_error(proc, f"--out={existing} is a file, not a folder",
+                     f"e.g. --out={existing}_report")
+  assert existing.read_text() == "mine"
+
+
+def test_report_names_left_out_runs_and_bounds_file_names(tmp_path):
+  """A grid over many long keys (every point differs in all of them) gives figure names
+  within the filesystem's 255 bytes; the unfinished run is named on the console."""
+  runs = tmp_path / "runs"
+  long_keys = {f"a_rather_long_config_key_number_{i}": None for i in range(12)}
+  for point in range(2):
+    for variant in ("sparsified", "vanilla"):
+      for seed in (0, 1):
+        _finished_run(runs / f"p{point}" / variant / f"seed_{seed}", "vit",
+                      "sklearn_digits", seed, variant,
+                      **{k: f"value_{point}" for k in long_keys})
+  half = runs / "p0" / "vanilla" / "seed_7"
+  _finished_run(half, "vit", "sklearn_digits", 7, finished=False,
+                **{k: "value_0" for k in long_keys})
+  out = tmp_path / "report"
+  proc = _report(str(runs), f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "left out 1 of 9 run(s)" in proc.stderr
+  assert (f"{half}: not finished (no summary.json; logged up to step 5 of 10)"
+          in proc.stderr)
+  figures = json.loads((out / "summary.json").read_text())["figures"]
+  assert any(len(f) > 60 for f in figures)  # Named by the grid point, cut short.
+  assert all(len(f.encode()) <= 255 and (out / f).exists() for f in figures)
+  assert len(set(figures)) == len(figures)
