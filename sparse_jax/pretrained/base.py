@@ -87,6 +87,15 @@ def with_updates(config: ml_collections.ConfigDict, updates: dict[str, Any]
   return config
 
 
+def host_params(params: Any) -> Any:
+  """`params` as numpy arrays on this host, gathered from every process's shards (a
+  collective when there are several processes: every process must call it)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(params, tiled=True)
+  return jax.device_get(params)
+
+
 def check_params_fit(source: Source, shapes: Shapes, target_params: Any,
                      fix: str) -> None:
   """ConfigError naming the first source tensor missing from the model or of another

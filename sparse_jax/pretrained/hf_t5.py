@@ -383,7 +383,9 @@ def export(params: Any, config: ml_collections.ConfigDict, directory: str,
   m = config.model
   hf = hf_config_of(config)
   layout = model_updates(hf, _NEUTRAL) | {"hf_tied": hf["tie_word_embeddings"]}
-  flat = traverse_util.flatten_dict(jax.device_get(params))
+  flat = traverse_util.flatten_dict(base.host_params(params))
+  if jax.process_index() > 0:
+    return directory  # Process 0 writes the files.
   tensors = {}
   for name, (path, kind) in _mapping(layout).items():
     if path in flat:

@@ -129,7 +129,9 @@ def export(params: Any, config: ml_collections.ConfigDict, path: str) -> str:
   """Writes a ViT run's plain params to the .npz `path` (vision_transformer names)."""
   s = config.sparsity
   activation = "jsrelu" if s.activation == "mixed" else s.activation
-  flat = traverse_util.flatten_dict(jax.device_get(params))
+  flat = traverse_util.flatten_dict(base.host_params(params))
+  if jax.process_index() > 0:
+    return path  # Process 0 writes the file.
   arrays = {npz_name(p): np.asarray(v, np.float32) for p, v in flat.items()}
   record = {"activation": activation}
   if s.zeroth_bias_position != "none":
