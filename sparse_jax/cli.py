@@ -55,7 +55,21 @@ def define_compilation_cache_flag(purpose: str) -> flags.FlagHolder:
 
 
 def use_compilation_cache(directory: str) -> None:
-  """Turns on JAX's persistent compilation cache in `directory` ('' = leave it off)."""
+  """Turns on JAX's persistent compilation cache in `directory` ('' = leave it off).
+
+  A directory that cannot be made or written leaves it off with one warning line: the
+  cache only saves compile time, so a run goes on without it (JAX itself would warn
+  with a traceback-like message at each compile)."""
+  if directory and "://" not in directory:
+    try:
+      os.makedirs(directory, exist_ok=True)
+      with tempfile.TemporaryFile(dir=directory):
+        pass
+    except OSError as e:
+      print(f"sparse_jax: warning: --compilation_cache_dir={directory} cannot be used "
+            f"({e.strerror}); compiling without the cache. Pass a writable directory, "
+            "or '' to turn it off.", file=sys.stderr, flush=True)
+      return
   if directory:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_compilation_cache_dir", directory)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from sparse_jax import config_schema, metric_log, stats
+from sparse_jax import config_schema, metric_log, stats, storage
 from sparse_jax.errors import ConfigError
 from sparse_jax.run_files import CONFIG_FILE, SUMMARY_FILE, read_json, read_metric_log
 BASELINE = "vanilla"
@@ -914,7 +914,13 @@ def main(argv: list[str] | None = None) -> None:
       check_out(out.value)
     except ConfigError as e:
       cli.fail(str(e))
-    path = write_report(dirs, out.value, runs=runs)
+    try:
+      path = write_report(dirs, out.value, runs=runs)
+    except OSError as e:  # A full disk: the runs are untouched, the report is rebuilt.
+      failure = storage.simple_failure(e, out.value, "the runs are untouched")
+      if failure is None:
+        raise
+      cli.fail(str(failure))
     skipped = left_out(runs)
     if skipped:
       print(f"sparse_jax report: left out {len(skipped)} of {len(runs)} run(s):\n  "

@@ -182,6 +182,21 @@ def write_failure(error: BaseException, workdir: str, state_bytes: int | None = 
   return WriteError(f"{message}\nFix: {fix}.")
 
 
+def simple_failure(error: BaseException, folder: str, state: str) -> WriteError | None:
+  """The WriteError for a failed write outside a run's training (study.json, a
+  report's files), or None if `error` is not a storage error. `state`: what the
+  failure leaves, e.g. 'no run was started'."""
+  found = os_error(error)
+  if found is None:
+    return None
+  code, path = found
+  path = path or next((e.filename for e in _chain(error)
+                       if isinstance(e, OSError) and e.filename), None) or folder
+  return WriteError(f"Writing {path} failed: {STORAGE_ERRNOS[code]}; {state}.\n"
+                    f"Fix: free space on the disk of {folder} (or make it writable), "
+                    "then rerun the same command.")
+
+
 class _DropReported(logging.Filter):
   """Drops the error records of a storage error that orbax (in each of its threads),
   clu's TensorBoard writer and asyncio (orbax's failed futures, when collected) log:

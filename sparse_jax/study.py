@@ -29,7 +29,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from sparse_jax import cli, run_files
+from sparse_jax import cli, run_files, storage
 from sparse_jax.config_schema import RANGES, VARIANTS
 from sparse_jax.errors import ConfigError, WriteError
 
@@ -367,14 +367,24 @@ def main(argv) -> None:
     for run, config in zip(runs, configs):  # Before anything is written.
       train.check_workdir(run.workdir, config)
     root = run_files.workdir_path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    run_files.write_json_atomic(root / STUDY_FILE, spec)
+    try:
+      root.mkdir(parents=True, exist_ok=True)
+      run_files.write_json_atomic(root / STUDY_FILE, spec)
+    except OSError as e:  # A full disk (writability was checked above).
+      raise storage.simple_failure(e, str(root), "no run was started") or e
     _say(f"{len(runs)} runs: {len(grid_points(grid))} grid point(s) x {len(variants)} "
          f"variant(s) x {len(seeds)} seed(s) in {root / RUNS_DIR}")
     failed = run_study(runs, configs, workdir)
   except (ConfigError, WriteError) as e:  # WriteError: rerunning resumes the study.
     cli.fail(str(e))
-  out = report.write_report([str(root / RUNS_DIR)], str(root / REPORT_DIR))
+  try:
+    out = report.write_report([str(root / RUNS_DIR)], str(root / REPORT_DIR))
+  except OSError as e:
+    failure = storage.simple_failure(e, str(root / REPORT_DIR), "every run is finished "
+                                     "and kept; the rerun only writes the report")
+    if failure is None:
+      raise
+    cli.fail(str(failure))
   _say(f"report: {epath.Path(out) / 'report.md'}")
   print(epath.Path(out) / "report.md")
   if failed:

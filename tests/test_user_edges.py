@@ -219,7 +219,7 @@ def _results(out, name):
 
 @needs_mount
 def test_each_writer_on_a_full_disk(tmp_path, data_dir, cache_dir):
-  """metrics.jsonl, summary.json and the TensorBoard events each meet a full disk
+  """config.json, metrics.jsonl, summary.json and the TensorBoard events each meet a full disk
   (files of the workdir linked into a full tmpfs, so that one writer at a time fails):
   each stops the run naming its file; reruns resume and finish."""
   mount, run, out = str(tmp_path / "full"), tmp_path / "run", tmp_path / "out"
@@ -227,13 +227,17 @@ def test_each_writer_on_a_full_disk(tmp_path, data_dir, cache_dir):
   out.mkdir()
   args = _args(run, data_dir, cache_dir, "--config.num_steps=20",
                "--config.checkpoint_every=5", "--config.log_every=5")
+  config_args = _args(tmp_path / "run_config", data_dir, cache_dir, "--config.num_steps=20")
   events = tmp_path / "events_disk"
   events_args = _args(f"{events}/run", data_dir, cache_dir, "--config.num_steps=20",
                       "--config.checkpoint_every=5", "--config.log_every=5")
   step = lambda name, a: _step(out, name, a)
   proc = _in_private_tmpfs(tmp_path, mount, "64k", f"""
-      touch {mount}/metrics {mount}/summary
+      touch {mount}/config {mount}/metrics {mount}/summary
       dd if=/dev/zero of={mount}/filler bs=4k 2>/dev/null || true  # Fills it.
+      mkdir {tmp_path}/run_config
+      ln -s {mount}/config {tmp_path}/run_config/config.json.tmp
+      {step("config", config_args)}
       ln -s {mount}/metrics {run}/metrics.jsonl
       {step("metrics", args)}
       rm {run}/metrics.jsonl
@@ -252,6 +256,10 @@ def test_each_writer_on_a_full_disk(tmp_path, data_dir, cache_dir):
     pytest.skip("tmpfs mount failed: " + proc.stderr)
   assert proc.returncode == 0, proc.stderr
 
+  rc, err = _results(out, "config")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {tmp_path}/run_config/config.json failed: no space "
+                     "left on device", "rerunning the same command starts from step 0")
   rc, err = _results(out, "metrics")
   assert rc == 1, err[-3000:]
   _check_write_error(err, f"Writing {run}/metrics.jsonl failed: no space left on device",
@@ -381,3 +389,49 @@ def test_report_names_left_out_runs_and_bounds_file_names(tmp_path):
   assert any(len(f) > 60 for f in figures)  # Named by the grid point, cut short.
   assert all(len(f.encode()) <= 255 and (out / f).exists() for f in figures)
   assert len(set(figures)) == len(figures)
+
+
+@needs_mount
+def test_study_and_report_on_a_full_disk(tmp_path):
+  """study.json and a report's files on a full disk: the two-line error naming the
+  file; the runs a report reads are not touched."""
+  mount, out = str(tmp_path / "full"), tmp_path / "out"
+  out.mkdir()
+  runs = tmp_path / "runs"
+  for seed in (0, 1):
+    _finished_run(runs / f"seed_{seed}", "vit", "sklearn_digits", seed)
+  study = (f"{sys.executable} -m sparse_jax.study --config={DEFAULT_CONFIG} "
+           f"--workdir={mount}/study --seeds=0")
+  report = f"{sys.executable} -m sparse_jax.report {runs} --out={mount}/report"
+  before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+  proc = _in_private_tmpfs(tmp_path, mount, "16k", f"""
+      dd if=/dev/zero of={mount}/filler bs=4k 2>/dev/null || true  # Fills it.
+      rc=0; {study} > {out}/study.out 2> {out}/study.err || rc=$?; echo $rc > {out}/study.rc
+      rc=0; {report} > {out}/report.out 2> {out}/report.err || rc=$?
+      echo $rc > {out}/report.rc
+      """)
+  if proc.returncode == 90:
+    pytest.skip("tmpfs mount failed: " + proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+  rc, err = _results(out, "study")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {mount}/study/study.json failed: no space left on "
+                     "device; no run was started", "Fix: free space on the disk")
+  rc, err = _results(out, "report")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"Writing {mount}/report", "failed: no space left on device; "
+                     "the runs are untouched")
+  assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+
+
+def test_unusable_compilation_cache_is_one_warning(tmp_path):
+  """The cache only saves compile time: a run goes on without it, saying so once."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  proc = run_cli(f"--config={DEFAULT_CONFIG}", "--dry_run",
+                 f"--compilation_cache_dir={blocker}/cache")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  warnings = [l for l in proc.stderr.splitlines() if "compilation" in l.lower()]
+  assert warnings == [f"sparse_jax: warning: --compilation_cache_dir={blocker}/cache "
+                      "cannot be used (Not a directory); compiling without the cache. "
+                      "Pass a writable directory, or '' to turn it off."], warnings
