@@ -107,6 +107,9 @@ def main(argv) -> None:
   worker = None
   if training:
     _show_progress()
+    # Before the processes meet: it hides file descriptor 2 for seconds, and an abort
+    # by JAX's coordination service (another process died) would be hidden with it.
+    cli.import_tensorflow_quietly()
     # Before anything starts a JAX backend: the processes must meet first.
     try:
       joined = distributed.initialize(options)
