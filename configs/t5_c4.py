@@ -31,6 +31,21 @@ the output still tied as in the runs docs/finetuning.md reports
       --workdir gs://BUCKET/runs/t5_base_finetune --config.data_dir=gs://BUCKET/tfds
   python -m sparse_jax.main --config configs/t5_c4.py:tiny,finetune --workdir /tmp/sparse_jax/t5_tiny_finetune
 
+Public checkpoints (docs/finetuning.md): `finetune.checkpoint=hf:<dir>` reads a Hugging
+Face T5 directory (config.json, model.safetensors or pytorch_model.bin, spiece.model),
+which sets the model keys (layers, widths, vocabulary, gated or not) and the tokenizer;
+the activation is mixed from the checkpoint's (ReLU for t5-base, the paper's vanilla
+T5-Base v1.0; GELU for T5 v1.1 / Flan-T5) into J-SquaredReLU, and the finetuned model is
+written back to <workdir>/export in the same layout. Download the directory elsewhere
+(e.g. `huggingface-cli download t5-base --local-dir /data/t5-base`), then:
+
+  python -m sparse_jax.main --config configs/t5_c4.py:base,finetune \
+      --config.finetune.checkpoint=hf:/data/t5-base \
+      --workdir gs://BUCKET/runs/t5_base_from_hf --config.data_dir=gs://BUCKET/tfds
+  python -m sparse_jax.main --config configs/t5_c4.py:base,finetune \
+      --config.finetune.checkpoint=hf:/data/flan-t5-base \
+      --workdir gs://BUCKET/runs/flan_t5_base_finetune --config.data_dir=gs://BUCKET/tfds
+
 `tiny`: the same code on the embedded Python Language Reference prose (tfds
 `python_reference_text`, no download) with a 1,000-piece SentencePiece vocabulary trained
 on it on first use: 2 + 2 layers of width 64 (4 heads, MLP 256), 64 input / 14 target

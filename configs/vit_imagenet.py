@@ -27,6 +27,18 @@ uplifted over 5 epochs.
       --config.finetune.checkpoint=gs://BUCKET/runs/vit_b16_vanilla \
       --workdir gs://BUCKET/runs/vit_b16_finetune --config.data_dir=gs://BUCKET/tfds
 
+Public checkpoints (docs/finetuning.md): `finetune.checkpoint=npz:<file>` reads a
+big_vision / vision_transformer ViT `.npz` (ViT-B/16 ImageNet-21k or AugReg), `hf:<dir>` a
+Hugging Face ViT directory; the model keys come from the checkpoint, GELU is swapped for
+(or, with activation_mixing_steps > 0, mixed into) J-SquaredReLU, a head for another
+label set (21k -> 1k) starts at zero, and the finetuned model is written to
+<workdir>/export/model.npz. The GELU MLPs need --config.mlp_impl=xla (the default).
+
+  gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz /data/
+  python -m sparse_jax.main --config configs/vit_imagenet.py:finetune \
+      --config.finetune.checkpoint=npz:/data/ViT-B_16.npz \
+      --workdir gs://BUCKET/runs/vit_b16_from_i21k --config.data_dir=gs://BUCKET/tfds
+
 ImageNet comes through tfds `imagenet2012`: either already prepared in `data_dir`, or
 prepared on first use from the two tar files in `--config.manual_dir`. Check a config
 on a laptop first with `--dry_run`.
