@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop the training on every worker (SIGTERM to the process group that launch/train.sh
-# started), for example to restart it with other flags; the slice keeps running. On a
-# pod, a run that crashed on one worker can leave the others waiting: stop them all.
+# started), for example to restart it with other flags; the slice keeps running. (When
+# one worker's run stops, the others' stop by themselves within a minute, exit code 75.)
 set -euo pipefail
 
 usage() {

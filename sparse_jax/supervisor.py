@@ -9,16 +9,19 @@ its client's error callback): exit code 134, a "Check failure stack trace" and a
 the middle. JAX 0.10 has no public way to replace that callback, and once it fires no
 Python code of the dying process runs. So in a multi-process run,
 `python -m sparse_jax.main` starts itself again as the worker (same arguments; this
-module's `_CHANNEL_ENV` marks it) and stays a small supervisor that never imports
-JAX while the worker runs. It
+module's `_CHANNEL_ENV` marks it) and stays a small supervisor that never starts a
+JAX backend nor joins the job. It
 
-* passes the worker's stdout through untouched and its stderr line by line, and holds
-  back what follows once the worker says that another process is gone, or once JAX's
-  "Terminating process because the JAX distributed service detected fatal errors" line
-  appears (saved to a file that the message names);
-* learns from the worker, over a pipe, which process of how many it is, and which
-  other process announced an error of its own (distributed.announce_stop, read by the
-  worker's distributed.StopWatcher);
+* passes the worker's stdout through untouched and its stderr line by line, each line
+  a second late, and holds back what follows (with the lines still waiting) once the
+  worker says that another process is gone, or once a line shows that the
+  coordination service declared one dead (JAX's "Terminating process because the JAX
+  distributed service detected fatal errors", a barrier's "heartbeat timeout"): saved
+  to a file that the message names;
+* learns from the worker, over a pipe, which process of how many it is, which other
+  process announced an error of its own (distributed.announce_stop, read by the
+  worker's distributed.StopWatcher), and this process's own final error (printed
+  last, even if JAX aborts the worker after it as the others stop);
 * when the worker ends because another process stopped, prints the two-line message:
   which process stopped (and its error, if it said one; else from the coordination
   service's report), the last complete checkpoint step, and the command that resumes;
