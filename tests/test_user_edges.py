@@ -77,6 +77,14 @@ def test_config_file_that_does_not_load(tmp_path, name, program):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("program", ["main", "study"])
+def test_config_file_that_does_not_exist(tmp_path, program):
+  run = run_cli if program == "main" else _study
+  proc = run(f"--config={tmp_path / 'nothere.py'}", f"--workdir={tmp_path / 'run'}")
+  assert_clean_error(proc, "Could not load the config file", "No such file or directory")
+  assert not (tmp_path / "run").exists()
+
+
 def test_config_file_without_get_config(tmp_path):
   path = tmp_path / "no_function.py"
   path.write_text("WIDTH = 64\n")
@@ -363,6 +371,13 @@ def test_report_refuses_unlike_runs_and_a_file_as_out(tmp_path):
   assert_clean_error(proc, f"--out={existing} is a file, not a folder",
                      f"e.g. --out={existing}_report")
   assert existing.read_text() == "mine"
+
+
+def test_report_on_a_dir_that_does_not_exist(tmp_path):
+  proc = _report(str(tmp_path / "no_study"), f"--out={tmp_path / 'report'}")
+  assert_clean_error(proc, f"{tmp_path / 'no_study'} does not exist",
+                     "Fix: pass run workdirs or folders holding them")
+  assert not (tmp_path / "report").exists()
 
 
 def test_report_names_left_out_runs_and_bounds_file_names(tmp_path):
