@@ -196,6 +196,7 @@ def test_coordinator_port_in_use(tmp_path):
      "--coordinator_address and --process_id given without --num_processes"),
     (["--coordinator_address=127.0.0.1", "--num_processes=2", "--process_id=0"],
      "is not HOST:PORT"),
+    (["--heartbeat_timeout=0"], "--heartbeat_timeout=0 must be a positive number"),
 ])
 def test_bad_multiprocess_flags_fail_before_jax(tmp_path, flags, phrase):
   # -X importtime lists every module imported: jax must not be among them.
