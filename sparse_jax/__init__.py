@@ -3,7 +3,7 @@
 The method in your own Flax Linen or NNX model (names resolve lazily, see below):
 
   sparsify(model, activation=, zeroth_bias=, max_len=, weight_noise=, match=, gate=,
-           observe=)
+           observe=, dense_types=, rngs=)
       the model with its MLP blocks (two-Dense and gated GLU blocks) sparsified
       (J-SquaredReLU, zeroth bias, per-token weight noise, observation hooks), a Linen
       module (`transforms.sparsify`); the defaults are the papers' sparsified recipe.

@@ -434,7 +434,7 @@ def test_the_defaults_are_the_papers_recipe_and_documented():
               if p.default is not inspect.Parameter.empty}
   assert defaults == {"activation": "jsrelu", "zeroth_bias": "mlp_output", "max_len": None,
                       "weight_noise": 0.0, "match": None, "gate": "(?i)gate",
-                      "observe": True, "dense_types": None}
+                      "observe": True, "dense_types": None, "rngs": None}
   sparse = sparse_jax.sparsify(TrainFlagModel())
   # One zeroth bias per block, as long as the input at init, added to the output.
   params = sparse_jax.merge_pretrained(sparse, TrainFlagModel().init(

@@ -4,6 +4,7 @@ gated FeedForward, layers made by nnx.vmap and run by nnx.scan): the original we
 load and give the same outputs with activation='relu', training with nnx.Optimizer and
 optax_projections keeps the projections, the metrics read what nnx.capture collects,
 cached decoding adds each position's zeroth-bias row."""
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -312,8 +313,10 @@ def test_mixing_and_errors():
     sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), match="nothing", max_len=LEN)
   with pytest.raises(ValueError, match=r"\nFix: pass max_len="):
     sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)))
-  with pytest.raises(ValueError, match="weight_noise"):
-    sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN, weight_noise=0.1)
+  with pytest.raises(ValueError, match="dense_types"):
+    sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN, dense_types=nnx.Linear)
+  with pytest.raises(ValueError, match=r"rngs= is for NNX models.*\nFix: drop rngs="):
+    sparse_jax.sparsify(flax.linen.Dense(3), rngs=nnx.Rngs(0))
   too_short = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN - 1)
   with pytest.raises(ValueError, match=r"exceeds its zeroth bias table \(4 rows\)"):
     too_short(tokens)
@@ -456,3 +459,35 @@ def test_scan_that_broadcasts_the_captured_state_raises():
   out, sown = nnx.capture(quiet, nnx.Intermediate)(tokens)
   assert not sown
   np.testing.assert_array_equal(out, expected)
+
+
+def test_weight_noise_in_training_mode_only():
+  tokens, _ = _data()
+  clean = sparse_jax.sparsify(Transformer(FeedForward, rngs=nnx.Rngs(0)), max_len=LEN)
+  _randomize(clean)
+  expected = clean(tokens)
+  outs = {}
+  for rho in ((0.2, 0.0), (0.0, 0.2)):  # Gate and up; down.
+    noisy = sparse_jax.sparsify(Transformer(FeedForward, rngs=nnx.Rngs(0)), max_len=LEN,
+                                weight_noise=rho, rngs=nnx.Rngs(weight_noise=7))
+    nnx.update(noisy, nnx.state(clean, nnx.Param))
+    step = nnx.jit(lambda m: m(tokens))
+    first, second = step(noisy), step(noisy)  # The stream advances through nnx.jit.
+    assert not np.allclose(first, expected, atol=1e-4)
+    assert not np.allclose(first, second, atol=1e-4)
+    noisy.eval()  # Evaluation is noise-free.
+    np.testing.assert_array_equal(noisy(tokens), expected)
+    outs[rho] = first
+  assert not np.allclose(outs[(0.2, 0.0)], outs[(0.0, 0.2)], atol=1e-4)
+  # A stack made by nnx.vmap: one key per layer, sliced by the scan.
+  stack = ScannedTransformer(FeedForward, rngs=nnx.Rngs(0))
+  stack.eval()
+  expected = stack(tokens)
+  sparse_jax.sparsify(stack, max_len=LEN, weight_noise=0.2, rngs=nnx.Rngs(3))
+  assert stack.layers.mlp.weight_noise_rngs.key.shape == (3,)
+  stack.train()
+  noisy = stack(tokens)
+  stack.eval()
+  assert not np.allclose(noisy, stack(tokens), atol=1e-4)
+  with pytest.raises(ValueError, match=r"\nFix: pass rngs=nnx.Rngs\(weight_noise=0\)"):
+    sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN, weight_noise=0.1)

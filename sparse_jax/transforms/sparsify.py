@@ -99,8 +99,8 @@ def sparsify(module: nn.Module | nnx.Module, *, activation: ActivationName = "js
              weight_noise: float | tuple[float, float] = 0.0,
              match: Match = None, gate: str | None = DEFAULT_GATE_PATTERN,
              observe: bool = True,
-             dense_types: type | tuple[type, ...] | None = None
-             ) -> Sparsified | nnx.Module:
+             dense_types: type | tuple[type, ...] | None = None,
+             rngs: nnx.Rngs | None = None) -> Sparsified | nnx.Module:
   """Returns `module` with its MLP blocks sparsified, as a Linen module; a Flax NNX
   model is sparsified in place and returned (`transforms.sparsify_nnx`).
 
@@ -111,8 +111,9 @@ def sparsify(module: nn.Module | nnx.Module, *, activation: ActivationName = "js
 
   For an NNX model the blocks' dense layers are their `nnx.Linear` /
   `nnx.LinearGeneral` attributes, `max_len` is required (the tables are built now),
-  `weight_noise` and `dense_types` are not supported, the hooks store values only
-  inside `nnx.capture`, and the 'mixed' share is set with `set_mixing(model, k)`.
+  `dense_types` is not supported, weight noise draws from `rngs` while the model is in
+  training mode (`model.train()` / `model.eval()`), the hooks store values only inside
+  `nnx.capture`, and the 'mixed' share is set with `set_mixing(model, k)`.
 
   Args:
     module: any unbound Flax Linen model, or a Flax NNX model.
@@ -146,6 +147,8 @@ def sparsify(module: nn.Module | nnx.Module, *, activation: ActivationName = "js
       optionally a `bias`) whose first axes are the input's last ones and whose output
       has the kernel's other axes (a contraction, as t5x's own `DenseGeneral`); a
       class or tuple of classes: nn.Dense, nn.DenseGeneral and those only.
+    rngs: NNX models with weight noise only: an `nnx.Rngs` whose 'weight_noise'
+      stream (else its default) seeds each block's own stream.
   """
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation={activation!r} is not one of the method's.\nFix: pass "
@@ -162,14 +165,17 @@ def sparsify(module: nn.Module | nnx.Module, *, activation: ActivationName = "js
     raise ValueError(f"weight_noise={weight_noise!r} is not a noise level.\nFix: pass "
                      "rho >= 0, or a pair (input projections, output projection).")
   if isinstance(module, nnx.Module):
-    if any(rhos) or dense_types is not None:
-      raise ValueError("sparsify of an NNX model has no weight_noise or dense_types "
-                       "(its dense layers are its nnx.Linear attributes).\nFix: leave "
-                       "weight_noise=0.0 and dense_types=None (per-token weight noise is "
-                       "implemented for Linen models only).")
+    if dense_types is not None:
+      raise ValueError("sparsify of an NNX model has no dense_types (its dense layers "
+                       "are its nnx.Linear attributes).\nFix: leave dense_types=None.")
     return sparsify_nnx(module, rule=mlp_rule(match), activation=activation,
                         zeroth_bias=zeroth_bias, max_len=max_len, gate=gate,
-                        observe=observe)
+                        observe=observe, weight_noise=(float(rhos[0]), float(rhos[1])),
+                        rngs=rngs)
+  if rngs is not None:
+    raise ValueError("rngs= is for NNX models; a Linen model draws its weight noise from "
+                     "apply's rngs.\nFix: drop rngs= and pass rngs={'weight_noise': key} "
+                     "to apply.")
   if isinstance(dense_types, type):
     dense_types = (dense_types,)
   if dense_types is not None and not all(

@@ -46,6 +46,7 @@ from flax import nnx
 
 from sparse_jax.metrics import STACK_MARKER
 from sparse_jax.nn.sparse_mlp import ZerothBiasPosition
+from sparse_jax.ops import weight_noise as noise_ops
 from sparse_jax.ops.activations import (ActivationName, activation_derivative,
                                         apply_activation)
 from sparse_jax.transforms.mlp_rule import DenseCall, MlpRule
@@ -67,6 +68,7 @@ class Config:
   zeroth_bias: str | None
   gate: str | None
   observe: bool
+  weight_noise: tuple[float, float] = (0.0, 0.0)  # rho: input projections, output.
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -230,7 +232,7 @@ def _linear_call(self, x, *args, **kwargs):
     frame.extra += 1
     return original(self, x, *args, **kwargs)
   if not frame.projections or (not frame.decided and _is_up(frame, x)):
-    out = original(self, x, *args, **kwargs)
+    out = _noise(frame, self, original(self, x, *args, **kwargs), x, 0)
     frame.projections.append(DenseCall(_child_name(frame.block, self), x, out))
     frame.kernels.append(_matrix(self))
     if len(frame.projections) == 2:
@@ -245,7 +247,7 @@ def _linear_call(self, x, *args, **kwargs):
         f"{_shape(frame.hidden)} of the hidden activations; sparsify supports {SHAPES}."
         "\nFix: if it is not an MLP block, pass match=... to sparsify() so that only "
         "MLP blocks match.")
-  y = original(self, frame.hidden, *args, **kwargs)
+  y = _noise(frame, self, original(self, frame.hidden, *args, **kwargs), frame.hidden, 1)
   frame.down = True
   block = frame.block
   if not (frame.config.observe and _capturing(block)):
@@ -253,6 +255,15 @@ def _linear_call(self, x, *args, **kwargs):
   if not frame.glu:
     block.sow(nnx.Intermediate, "w2", _matrix(self))
   return block.perturb("y", y)
+
+
+def _noise(frame: _Frame, linear: nnx.Module, y: jax.Array, x: jax.Array,
+           layer: int) -> jax.Array:
+  """Per-token weight noise on a projection's output, in training mode only."""
+  rho, block = frame.config.weight_noise[layer], frame.block
+  if rho == 0 or getattr(block, "deterministic", False):
+    return y
+  return noise_ops.dense_output_noise(y, x, _matrix(linear), rho, block.weight_noise_rngs())
 
 
 def _dropout_call(self, x, *args, **kwargs):
@@ -347,28 +358,43 @@ def _matches(rule: MlpRule, path: tuple, module: nnx.Module) -> bool:
   return rule.predicate is not None and bool(rule.predicate(module))
 
 
+def _widths(linear: nnx.Module) -> tuple[int, int, tuple[int, ...]]:
+  """(input width, output width, stack shape) of a Linear / LinearGeneral: the widths
+  of the last input and output axes, and the kernel's leading axes beyond its own
+  (layers stacked by nnx.vmap)."""
+  ins = linear.in_features if isinstance(linear.in_features, tuple) else (linear.in_features,)
+  outs = (linear.out_features if isinstance(linear.out_features, tuple)
+          else (linear.out_features,))
+  kernel = linear.kernel.get_value()
+  return int(ins[-1]), int(outs[-1]), tuple(kernel.shape[:kernel.ndim - len(ins) - len(outs)])
+
+
 def _d_model(block: nnx.Module, path: str) -> tuple[int, tuple[int, ...]]:
-  """(d_model, stack shape): the first Linear's input width, and the leading axes its
-  kernel has beyond [in, out] (layers stacked by nnx.vmap)."""
+  """(d_model, stack shape) of a block, from its Linear attributes' shapes (their order
+  is not used: NNX sorts the attributes of modules it rebuilds, as nnx.vmap's). Gated:
+  the input width two projections share (gate and up); plain: the smaller of the two
+  widths (a Transformer MLP widens d_model to its hidden width)."""
   linears = [v for v in vars(block).values() if isinstance(v, LINEAR_TYPES)]
-  if len(linears) < 2:
-    raise ValueError(
-        f"MLP block {path} ({type(block).__name__}) has {len(linears)} nnx.Linear "
-        f"attributes; sparsify supports {SHAPES}.\nFix: pass match=... so that only MLP "
-        "blocks match, or write the block's projections as nnx.Linear attributes.")
-  first = linears[0]
-  kernel = first.kernel.get_value()
-  if isinstance(first, nnx.Linear):
-    return first.in_features, tuple(kernel.shape[:-2])
-  in_shape = first.in_features if isinstance(first.in_features, tuple) else (first.in_features,)
-  out_shape = (first.out_features if isinstance(first.out_features, tuple)
-               else (first.out_features,))
-  return int(in_shape[-1]), tuple(kernel.shape[:kernel.ndim - len(in_shape) - len(out_shape)])
+  widths = [_widths(v) for v in linears]
+  ins = [w[0] for w in widths]
+  shared = sorted({d for d in ins if ins.count(d) >= 2})
+  if len(linears) == 3 and len(shared) == 1:
+    return shared[0], widths[0][2]
+  if len(linears) == 2 and (ins[0], ins[1]) == (widths[1][1], widths[0][1]):
+    return min(ins), widths[0][2]
+  raise ValueError(
+      f"MLP block {path} ({type(block).__name__}) has {len(linears)} nnx.Linear "
+      f"attributes of (input, output) widths {[w[:2] for w in widths]}, not the "
+      f"projections of one of the shapes sparsify supports: {SHAPES}.\nFix: pass "
+      "match=... so that only MLP blocks match, or write the block's projections as "
+      "its nnx.Linear attributes.")
 
 
 def sparsify_nnx(model: nnx.Module, *, rule: MlpRule, activation: ActivationName,
                  zeroth_bias: ZerothBiasPosition | None, max_len: int | None,
-                 gate: str | None, observe: bool) -> nnx.Module:
+                 gate: str | None, observe: bool,
+                 weight_noise: tuple[float, float] = (0.0, 0.0),
+                 rngs: nnx.Rngs | None = None) -> nnx.Module:
   """`model` with its matched MLP blocks sparsified, in place (also returned).
 
   Called by `transforms.sparsify.sparsify` (which checks the arguments); see there.
@@ -388,8 +414,12 @@ def sparsify_nnx(model: nnx.Module, *, rule: MlpRule, activation: ActivationName
     raise ValueError("sparsify of an NNX model builds each zeroth bias table now, and "
                      "has no input to take its length from.\nFix: pass max_len= (the "
                      "longest sequence length), or zeroth_bias=None.")
+  if any(weight_noise) and not isinstance(rngs, nnx.Rngs):
+    raise ValueError("Weight noise in an NNX model draws from each block's own rng "
+                     "stream, seeded from rngs=.\nFix: pass rngs=nnx.Rngs(weight_noise="
+                     "0) to sparsify().")
   modules = dict(nnx.iter_modules(model))
-  config = Config(activation, zeroth_bias, gate, observe)
+  config = Config(activation, zeroth_bias, gate, observe, weight_noise)
   for path, block in found:
     name = "/".join(map(str, path)) or "<root>"
     d_model, stack = _d_model(block, name)
@@ -401,6 +431,12 @@ def sparsify_nnx(model: nnx.Module, *, rule: MlpRule, activation: ActivationName
                                                       jnp.float32)))
     if activation == "mixed" and not isinstance(getattr(block, "mixing", None), Mixing):
       block.mixing = Mixing(jnp.ones(stack, jnp.float32))
+    if any(weight_noise):
+      # Its own stream (one key per layer of a stack); off after model.eval().
+      stream = rngs["weight_noise"] if "weight_noise" in rngs else rngs.default
+      block.weight_noise_rngs = stream.split(stack) if stack else stream.fork()
+      if not hasattr(block, "deterministic"):
+        block.deterministic = False
     _swap(block, "block", _block_call)
     for child in vars(block).values():
       if isinstance(child, LINEAR_TYPES):
