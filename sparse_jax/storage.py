@@ -141,7 +141,7 @@ def write_failure(error: BaseException, workdir: str, state_bytes: int | None = 
   # Only the workdir's writes: a dataset that cannot be read is another error.
   ours = (path.startswith(workdir + os.sep) or path == workdir if path else
           any(workdir in str(e) for e in _chain(error)))
-  if not ours and os.path.isdir(workdir):
+  if not ours:
     return None
   checkpoints = os.path.join(workdir, "checkpoints")
   steps = complete_checkpoints(checkpoints)
@@ -180,6 +180,26 @@ def write_failure(error: BaseException, workdir: str, state_bytes: int | None = 
     fix = ("check the disk of the workdir (dmesg shows I/O errors), then rerun the "
            "same command")
   return WriteError(f"{message}\nFix: {fix}.")
+
+
+def dataset_failure(error: BaseException, data_dir: str | None) -> WriteError | None:
+  """The WriteError for preparing a dataset into `data_dir` on a disk that is full or
+  read-only (the run has written nothing yet), or None if `error` is not that."""
+  found = os_error(error)
+  if not data_dir or "://" in data_dir or found is None or found[0] not in (
+      errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    return None
+  data_dir = os.path.abspath(data_dir)
+  path = found[1] or next((m[0] for e in _chain(error) if (m := re.search(
+      re.escape(data_dir + os.sep) + r"[^\s\"';,]+", str(e)))), None)
+  if not (path or "").startswith(data_dir + os.sep):
+    return None
+  return WriteError(
+      f"Preparing the dataset in config.data_dir={data_dir} failed writing {path}: "
+      f"{STORAGE_ERRNOS[found[0]]}; the run has written nothing yet.\nFix: free space "
+      f"on the disk of {data_dir} (or make it writable), or pass --config.data_dir=<a "
+      "folder on a disk with room> (datasets are prepared there once), then rerun the "
+      "same command.")
 
 
 def simple_failure(error: BaseException, folder: str, state: str) -> WriteError | None:

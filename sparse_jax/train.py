@@ -512,8 +512,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   except (ConfigError, NonFiniteLossError):
     raise
   except Exception as e:  # pylint: disable=broad-except
-    failure = storage.write_failure(e, str(workdir_path(workdir)),
-                                    progress.get("state_bytes"))
+    failure = (storage.write_failure(e, str(workdir_path(workdir)),
+                                     progress.get("state_bytes"))
+               or storage.dataset_failure(e, config.get("data_dir")))
     if failure is None:
       raise
     raise failure from None

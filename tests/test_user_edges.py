@@ -450,3 +450,27 @@ def test_unusable_compilation_cache_is_one_warning(tmp_path):
   assert warnings == [f"sparse_jax: warning: --compilation_cache_dir={blocker}/cache "
                       "cannot be used (Not a directory); compiling without the cache. "
                       "Pass a writable directory, or '' to turn it off."], warnings
+
+
+@needs_mount
+def test_data_dir_on_a_full_disk(tmp_path):
+  """Preparing the dataset into a data_dir whose disk is full names the data_dir and
+  how to move it; the workdir was not even created."""
+  mount, out, workdir = str(tmp_path / "full"), tmp_path / "out", tmp_path / "run"
+  out.mkdir()
+  args = " ".join([f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}",
+                   f"--config.data_dir={mount}/tfds", "--config.num_steps=10",
+                   "--config.optimizer.warmup_steps=2"])
+  proc = _in_private_tmpfs(tmp_path, mount, "64k", _step(out, "prepare", args))
+  if proc.returncode == 90:
+    pytest.skip("tmpfs mount failed: " + proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+  rc, err = _results(out, "prepare")
+  assert rc == 1, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines()[-1].startswith("Fix: free space on the disk of ")
+  assert (f"Preparing the dataset in config.data_dir={mount}/tfds failed writing "
+          f"{mount}/tfds/") in err
+  assert "no space left on device; the run has written nothing yet" in err
+  assert "--config.data_dir=<a folder on a disk with room>" in err
+  assert not workdir.exists()
