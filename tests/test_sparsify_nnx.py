@@ -204,7 +204,11 @@ def _train(model, tokens, targets, steps=4):
   return losses, m
 
 
-@pytest.mark.parametrize("mlp", [Mlp, FeedForward], ids=["relu", "gated"])
+def swiglu(rngs: nnx.Rngs) -> FeedForward:
+  return FeedForward(rngs, act=nnx.silu)
+
+
+@pytest.mark.parametrize("mlp", [Mlp, swiglu], ids=["relu", "swiglu"])
 def test_training_with_nnx_optimizer_projections_and_metrics(mlp):
   tokens, targets = _data()
   model = Transformer(mlp, rngs=nnx.Rngs(0))
