@@ -139,7 +139,11 @@ def assign_points(runs: list[RunData]) -> list[str]:
   for variant in {r.variant for _, r in basis}:  # Finished runs decide (unfinished may
     group = [f for f, r in basis if r.variant == variant]  # be from another study).
     for k in set().union(*group):
-      if k not in IGNORED_KEYS and len({json.dumps(f.get(k)) for f in group}) > 1:
+      # A key some runs' config.json lacks came with a newer schema (runs of studies
+      # started before and after it): not a grid axis.
+      if k in IGNORED_KEYS or any(k not in f for f in group):
+        continue
+      if len({json.dumps(f.get(k)) for f in group}) > 1:
         keys.add(k)
   keys = sorted(keys)
   for f, r in zip(flat, runs):

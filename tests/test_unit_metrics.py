@@ -340,3 +340,20 @@ def test_report_over_learning_rate_and_batch(tmp_path):
   assert not report.use_log_axis([32, 64])
   md = (out / "report.md").read_text()
   assert "eval live-unit density: sparsified / vanilla" in md
+
+
+def test_report_ignores_config_keys_only_newer_runs_have(tmp_path):
+  """Runs of two studies, the later one started after the schema gained a key: the key
+  is not a grid axis; the learning rate, which both configs hold, is."""
+  from sparse_jax import report  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "runs"
+  for lr in (0.001, 0.01):
+    for seed in (0, 1):
+      _fake_vit_run(root, lr, 32, "vanilla", seed, 0.3, 0.1)
+  newer = root / "lr0.01_b32" / "vanilla" / "seed_1" / "config.json"
+  config = json.loads(newer.read_text())
+  config["model"]["norm_epsilon"] = 1e-6
+  newer.write_text(json.dumps(config))
+  runs = report.load_runs([str(root)])
+  assert {r.point for r in runs} == {"optimizer.learning_rate=0.001",
+                                     "optimizer.learning_rate=0.01"}
