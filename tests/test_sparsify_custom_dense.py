@@ -287,5 +287,9 @@ def test_dense_types_and_the_error_listing_what_the_block_called():
                      r"kernel \(8, 16\)\); Dropout_0 \(Dropout, params: none\); wo "
                      r"\(DenseGeneral, params: kernel \(16, 8\)\)\."):
     param_shapes(sparse_jax.sparsify(model, dense_types=OtherDense), tokens)
+  # A rule that matches nothing: the blocks built from the own dense class are listed.
+  with pytest.raises(ValueError, match=r"look like MLP blocks .*: layers_0/mlp \(MlpBlock\), "
+                     r"layers_1/mlp \(MlpBlock\)\.\nFix: "):
+    param_shapes(sparse_jax.sparsify(model, match="nothing$"), tokens)
   with pytest.raises(TypeError, match="dense_types"):
     sparse_jax.sparsify(model, dense_types=("DenseGeneral",))
