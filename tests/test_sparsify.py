@@ -427,7 +427,7 @@ def test_errors(relu_model):
   with pytest.raises(ValueError, match="no norm scale.*'rmsnorm'"):
     sparse_jax.optax_projections(optax.sgd(0.1), norm_pattern="rmsnorm").init(params)
   with pytest.raises(ValueError, match="activation"):
-    sparse_jax.sparsify(model, activation="gelu")
+    sparse_jax.sparsify(model, activation="swish")
   # Layers written inline in one module: one norm pattern cannot pair norms and MLPs.
   inline = sparse_jax.sparsify(InlineLayers(), zeroth_bias="mlp_output", max_len=3)
   params = jax.eval_shape(inline.init, key, np.ones((2, 3, 4)))["params"]
