@@ -454,7 +454,7 @@ class Worker:
 
   def stop_after_exception(self, error: BaseException) -> None:
     """An unexpected exception: another process gone, or a bug of this process."""
-    if not _looks_like_lost_peer(error):
+    if not looks_like_lost_peer(error):
       self.watcher.close(wait=False)
       import traceback  # pylint: disable=import-outside-toplevel
       self._last_words("".join(traceback.format_exception(error)))
@@ -469,6 +469,10 @@ class Worker:
     # JAX's abort (the coordination service names the process) or the watcher's exit
     # normally ends this process meanwhile.
     time.sleep(2 * self.heartbeat_timeout + 10)
+    # Neither came: the whole error, for the file the supervisor's message names.
+    import traceback  # pylint: disable=import-outside-toplevel
+    traceback.print_exception(error)
+    sys.stderr.flush()
     if not self.channel.supervised:
       print(f"sparse_jax: error: A collective operation with the other processes failed "
             f"({first}); another process stopped.\nFix: find the process whose output "
@@ -481,8 +485,11 @@ class Worker:
       time.sleep(_LINGER_S)
 
 
-def _looks_like_lost_peer(error: BaseException) -> bool:
-  """Whether `error` (or an error it came from) is a failed collective or barrier."""
+def looks_like_lost_peer(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from (orbax's TimeoutError from a
+  failed barrier), is a failed collective or barrier. Only explicit causes count: an
+  error raised while handling another (a NameError in an except block) is a bug of
+  this process, whatever it was handling."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -491,7 +498,7 @@ def _looks_like_lost_peer(error: BaseException) -> bool:
       text = str(error).lower()
       if "resource_exhausted" not in text and any(s in text for s in _PEER_SIGNS):
         return True
-    error = error.__cause__ or error.__context__
+    error = error.__cause__
   return False
 
 

@@ -226,3 +226,28 @@ def test_reads_which_process_jax_reported():
   assert supervisor.stopped_by_jax(report, me=0) == [1]
   assert supervisor.stopped_by_jax("Barrier failed because: Task 3 heartbeat timeout. "
                                    "Task 2 heartbeat timeout", me=2) == [3]
+
+
+def test_only_a_failed_collective_or_barrier_counts_as_another_process_gone():
+  """A bug raised while handling a failed barrier (its __context__) is this process's
+  own error, to be printed as such; orbax's TimeoutError raised from JAX's failed
+  barrier (its __cause__) means another process is gone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  barrier = jax.errors.JaxRuntimeError(
+      "INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 "
+      "heartbeat timeout.")
+  try:
+    raise TimeoutError("Timed out while waiting for async_write_complete barrier.") \
+        from barrier
+  except TimeoutError as e:
+    assert supervisor.looks_like_lost_peer(e)
+    wrapped = e
+  try:
+    try:
+      raise wrapped
+    except TimeoutError:
+      raise NameError("name 'helper' is not defined")  # pylint: disable=raise-missing-from
+  except NameError as e:
+    assert not supervisor.looks_like_lost_peer(e)
+  assert not supervisor.looks_like_lost_peer(
+      jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating ..."))
