@@ -638,7 +638,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         eval_scalars = evaluate(exp, eval_step, state.params, state.step)
         evaluated = {f"eval/{k}": v for k, v in eval_scalars.items()}
         writer.write_scalars(done, evaluated)
-        logged |= evaluated
+        # A new dict: the TensorBoard writer may still be reading `logged` in its thread.
+        logged = logged | evaluated
         log.info("eval at step %d | loss %.4f | accuracy %.4f | activation density %.4f",
                  done, eval_scalars["loss"], eval_scalars["accuracy"],
                  eval_scalars.get("activation_density/mean", float("nan")))
