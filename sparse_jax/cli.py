@@ -15,6 +15,7 @@ import traceback
 
 from absl import flags, logging
 
+from sparse_jax import storage
 from sparse_jax.errors import ConfigError
 
 
@@ -127,7 +128,7 @@ def show_progress() -> None:
   logging.set_verbosity(logging.WARNING)
 
 
-# ----------------------------------------------------------------------------- config files
+# --------------------------------------------------------------------------- config files
 def config_argument(argv: list[str]) -> str | None:
   """The --config value of a command line as typed ('file.py:args'), or None."""
   for i, arg in enumerate(argv):
@@ -136,19 +137,6 @@ def config_argument(argv: list[str]) -> str | None:
     if arg in ("--config", "-config") and i + 1 < len(argv):
       return argv[i + 1]
   return None
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-  """`error` and the exceptions it wraps (its causes and contexts), outermost first.
-
-  Loading a config passes the user's exception through ml_collections (which re-raises
-  TypeError/ValueError as text, or defers an IOError) and absl (which wraps it in an
-  IllegalFlagValueError); the original, with its traceback, is the last link."""
-  out = []
-  while error is not None and error not in out:
-    out.append(error)
-    error = error.__cause__ or error.__context__
-  return out
 
 
 def _frames(error: BaseException) -> list[traceback.FrameSummary]:
@@ -182,7 +170,10 @@ def config_file_message(error: BaseException, config_arg: str | None) -> str | N
 
   Our ConfigError from a config's get_config (an unknown ':argument') keeps its own
   message."""
-  chain = _chain(error)
+  # Loading a config passes the user's exception through ml_collections (which re-raises
+  # TypeError/ValueError as text, or defers an IOError) and absl (which wraps it in an
+  # IllegalFlagValueError); the original, with its traceback, is the last link.
+  chain = storage.exception_chain(error)
   original = chain[-1]
   if isinstance(original, ConfigError):
     return str(original)
@@ -221,20 +212,27 @@ _TYPE_WORDS = (  # (parser class name, what the user must type, a generic exampl
 
 def override_value_message(error: BaseException, flag_values: flags.FlagValues,
                            typed: str | None = None, example_flag=None) -> str | None:
-  """The two-line message for a --config.KEY=VALUE override whose value does not parse
-  as KEY's type (absl says only "invalid literal for int()"): names the flag (or
-  `typed`, what the user actually wrote, e.g. a --grid entry), the type it needs and an
-  example value (the config's own, or VALUE made whole); None if `error` is not that.
+  """The two-line message for a flag value that does not parse as the flag's type
+  (absl says only "invalid literal for int()"), a --config.KEY=VALUE override or any
+  other flag: names the flag (or `typed`, what the user actually wrote, e.g. a --grid
+  entry), the type it needs and an example value (the config's or flag's own, or VALUE
+  made whole); None if `error` is not that (a value out of a flag's bounds is not).
 
   `example_flag(key, value_text)` spells the example as the user's flag (default:
-  --config.KEY=VALUE)."""
-  match = re.match(r"flag --(config\.[\w.]+)=(.*?): ", str(error), re.S)
+  --config.KEY=VALUE, or --NAME=VALUE)."""
+  match = re.match(r"flag --([\w.]+)=(.*?): ", str(error), re.S)
   if not isinstance(error, flags.IllegalFlagValueError) or not match:
     return None
   name, value = match[1], match[2]
   key = name.removeprefix("config.")
   flag = flag_values[name] if name in flag_values else None
   parser = type(getattr(flag, "parser", None)).__name__
+  if parser in ("IntegerParser", "FloatParser"):
+    try:  # Of the type, so refused for its bounds: absl's own words say which.
+      flag.parser.convert(value)
+      return None
+    except (TypeError, ValueError):
+      pass
   need, example = next(((w, e) for p, w, e in _TYPE_WORDS if p == parser),
                        ("a value of its type", None))
   default = getattr(flag, "default", None)
@@ -251,11 +249,12 @@ def override_value_message(error: BaseException, flag_values: flags.FlagValues,
         example = str(int(whole))
     except ValueError:
       pass
-  spell = example_flag or (lambda k, v: f"--config.{k}={v}")
+  spell = example_flag or (lambda k, v: f"--{name}={v}")
   got = f"{value!r} is not {need}" if value else "the value is empty"
-  return (f"{typed or f'--{name}={value}'}: config.{key} needs {need}; {got}.\n"
-          f"Fix: pass {need}, e.g. {spell(key, example) if example else spell(key, '...')}"
-          ".")
+  shown = spell(key, example if example else "...")
+  what = f"config.{key}" if name.startswith("config.") else f"--{name}"
+  return (f"{typed or f'--{name}={value}'}: {what} needs {need}; {got}.\n"
+          f"Fix: pass {need}, e.g. {shown}.")
 
 
 def flag_error_message(error: Exception, flag_values: flags.FlagValues | None = None,

@@ -33,7 +33,9 @@ _STRERRORS = {os.strerror(code).lower(): code for code in STORAGE_ERRNOS}
 _CODE = re.compile(r"os_error_code='?(\d+)")
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def exception_chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it wraps (its causes and contexts), outermost first:
+  libraries re-raise the operating system's error (or the user's) inside their own."""
   out = []
   while error is not None and error not in out:
     out.append(error)
@@ -44,10 +46,10 @@ def _chain(error: BaseException) -> list[BaseException]:
 def os_error(error: BaseException) -> tuple[int, str | None] | None:
   """(errno, path or None) of the storage error under `error` (through the causes
   that orbax, clu and tensorstore wrap it in), or None if it is not one."""
-  for e in _chain(error):
+  for e in exception_chain(error):
     if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
       return e.errno, e.filename
-  for e in _chain(error):  # The file is named in the text too: write_failure finds it.
+  for e in exception_chain(error):  # Named in the text too: write_failure finds it.
     text = str(e)
     code = _CODE.search(text)
     if code and int(code[1]) in STORAGE_ERRNOS:
@@ -137,10 +139,11 @@ def write_failure(error: BaseException, workdir: str, state_bytes: int | None = 
   workdir = str(workdir).rstrip(os.sep)
   if path is None:  # orbax, TensorFlow and clu name the file only in their messages.
     named = re.compile(re.escape(workdir + os.sep) + r"[^\s\"';,]+")
-    path = next((m[0] for e in _chain(error) if (m := named.search(str(e)))), None)
+    path = next((m[0] for e in exception_chain(error) if (m := named.search(str(e)))),
+                None)
   # Only the workdir's writes: a dataset that cannot be read is another error.
   ours = (path.startswith(workdir + os.sep) or path == workdir if path else
-          any(workdir in str(e) for e in _chain(error)))
+          any(workdir in str(e) for e in exception_chain(error)))
   if not ours:
     return None
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -190,7 +193,7 @@ def dataset_failure(error: BaseException, data_dir: str | None) -> WriteError | 
       errno.ENOSPC, errno.EDQUOT, errno.EROFS):
     return None
   data_dir = os.path.abspath(data_dir)
-  path = found[1] or next((m[0] for e in _chain(error) if (m := re.search(
+  path = found[1] or next((m[0] for e in exception_chain(error) if (m := re.search(
       re.escape(data_dir + os.sep) + r"[^\s\"';,]+", str(e)))), None)
   if not (path or "").startswith(data_dir + os.sep):
     return None
@@ -210,7 +213,7 @@ def simple_failure(error: BaseException, folder: str, state: str) -> WriteError 
   if found is None:
     return None
   code, path = found
-  path = path or next((e.filename for e in _chain(error)
+  path = path or next((e.filename for e in exception_chain(error)
                        if isinstance(e, OSError) and e.filename), None) or folder
   return WriteError(f"Writing {path} failed: {STORAGE_ERRNOS[code]}; {state}.\n"
                     f"Fix: free space on the disk of {folder} (or make it writable), "

@@ -19,7 +19,7 @@ def _study(*args, timeout=600):
                         cwd=REPO)
 
 
-# ----------------------------------------------------------------------------- 1. config files
+# ------------------------------------------------------------------------ 1. config files
 # (file body, the reason shown, the line the message points at). Each is a config file a
 # user could write; the line numbers are of the file as written below.
 BROKEN_CONFIGS = {
@@ -71,7 +71,8 @@ def test_config_file_that_does_not_load(tmp_path, name, program):
   workdir = tmp_path / "run"
   run = run_cli if program == "main" else _study
   proc = run(f"--config={path}", f"--workdir={workdir}")
-  assert_clean_error(proc, f"Config file {path} does not load: {reason}", f"{path}:{line}",
+  assert_clean_error(proc, f"Config file {path} does not load: {reason}",
+                     f"{path}:{line}",
                      f"Fix: correct {path} at line {line}")
   assert "site-packages" not in proc.stderr and "sparse_jax/" not in proc.stderr
   assert not workdir.exists()
@@ -93,16 +94,19 @@ def test_config_file_without_get_config(tmp_path):
                      f"Fix: define get_config('vanilla') in {path}")
 
 
-# ----------------------------------------------------------------------------- 2. flag types
+# -------------------------------------------------------------------------- 2. flag types
 @pytest.mark.parametrize("flag, phrases", [
     ("--config.num_steps=1e3", ["config.num_steps needs an integer; '1e3' is not",
                                 "Fix: pass an integer, e.g. --config.num_steps=1000."]),
     ("--config.batch_size=", ["--config.batch_size=: config.batch_size needs an integer; "
                               "the value is empty", "e.g. --config.batch_size="]),
     ("--config.optimizer.learning_rate=fast",
-     ["needs a number; 'fast' is not a number", "e.g. --config.optimizer.learning_rate="]),
+     ["needs a number; 'fast' is not a number",
+      "e.g. --config.optimizer.learning_rate="]),
     ("--config.metrics.theory=maybe", ["needs true or false",
                                        "e.g. --config.metrics.theory=true"]),
+    ("--initialization_timeout=5min", ["--initialization_timeout needs an integer; "
+                                       "'5min' is not", "e.g. --initialization_timeout="]),
 ])
 def test_flag_value_of_the_wrong_type(tmp_path, flag, phrases):
   proc = run_cli(f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'run'}", flag)
@@ -128,7 +132,7 @@ def test_study_flag_of_the_wrong_type_names_the_study_flag(tmp_path, flag, phras
   assert not (tmp_path / "study").exists()
 
 
-# ----------------------------------------------------------------------------- 3. writes that fail
+# -------------------------------------------------------------------- 3. writes that fail
 # A real filesystem that fills: a small tmpfs mounted in a private mount namespace
 # (`unshare -m`, root or user namespaces needed; skipped where neither works). Nothing
 # is injected: the kernel refuses the writes of orbax, TensorBoard and Python alike.
@@ -153,7 +157,8 @@ def _in_private_tmpfs(tmp_path, mount: str, size: str, script: str):
   it; the CLI is `$MAIN`. Returns the completed process (its stdout: the script's)."""
   os.makedirs(mount, exist_ok=True)
   main = f"{sys.executable} -m sparse_jax.main"
-  full = f"mount -t tmpfs -o size={size} tmpfs {mount} || exit 90\nMAIN='{main}'\n{script}"
+  full = (f"mount -t tmpfs -o size={size} tmpfs {mount} || exit 90\n"
+          f"MAIN='{main}'\n{script}")
   return subprocess.run(["unshare", "-m", "sh", "-ec", full], capture_output=True,
                         text=True, timeout=900, env=cli_env(), cwd=REPO)
 
@@ -182,7 +187,8 @@ def test_disk_that_fills_stops_the_run_and_a_rerun_resumes(tmp_path, data_dir, c
   the first failed write, and after space is freed the same command resumes."""
   mount = str(tmp_path / "disk")
   args = " ".join([f"--config={DEFAULT_CONFIG}", f"--workdir={mount}/run",
-                   f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
+                   f"--config.data_dir={data_dir}",
+                   f"--compilation_cache_dir={cache_dir}",
                    "--config.num_steps=40", "--config.checkpoint_every=5",
                    "--config.log_every=5", *TINY_RUN])
   out = tmp_path / "out"
@@ -216,7 +222,8 @@ def test_disk_that_fills_stops_the_run_and_a_rerun_resumes(tmp_path, data_dir, c
 
 def _args(workdir, data_dir, cache_dir, *extra):
   return " ".join([f"--config={DEFAULT_CONFIG}", f"--workdir={workdir}",
-                   f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
+                   f"--config.data_dir={data_dir}",
+                   f"--compilation_cache_dir={cache_dir}",
                    *TINY_RUN, *extra])
 
 
@@ -227,15 +234,16 @@ def _results(out, name):
 
 @needs_mount
 def test_each_writer_on_a_full_disk(tmp_path, data_dir, cache_dir):
-  """config.json, metrics.jsonl, summary.json and the TensorBoard events each meet a full disk
-  (files of the workdir linked into a full tmpfs, so that one writer at a time fails):
-  each stops the run naming its file; reruns resume and finish."""
+  """config.json, metrics.jsonl, summary.json and the TensorBoard events each meet a
+  full disk (files of the workdir linked into a full tmpfs, so that one writer at a
+  time fails): each stops the run naming its file; reruns resume and finish."""
   mount, run, out = str(tmp_path / "full"), tmp_path / "run", tmp_path / "out"
   run.mkdir()
   out.mkdir()
   args = _args(run, data_dir, cache_dir, "--config.num_steps=20",
                "--config.checkpoint_every=5", "--config.log_every=5")
-  config_args = _args(tmp_path / "run_config", data_dir, cache_dir, "--config.num_steps=20")
+  config_args = _args(tmp_path / "run_config", data_dir, cache_dir,
+                      "--config.num_steps=20")
   events = tmp_path / "events_disk"
   events_args = _args(f"{events}/run", data_dir, cache_dir, "--config.num_steps=20",
                       "--config.checkpoint_every=5", "--config.log_every=5")
@@ -298,7 +306,8 @@ def test_workdir_made_read_only_or_removed_mid_run(tmp_path, data_dir, cache_dir
                          "--config.checkpoint_every=50", "--config.log_every=1",
                          "--config.eval_every=100")
   wait_lines = lambda w, n: (f"until [ -f {w}/metrics.jsonl ] && "
-                             f"[ $(wc -l < {w}/metrics.jsonl) -ge {n} ]; do sleep 0.1; done")
+                             f"[ $(wc -l < {w}/metrics.jsonl) -ge {n} ]; "
+                             "do sleep 0.1; done")
   proc = _in_private_tmpfs(tmp_path, mount, "20m", f"""
       $MAIN {args(work)} > {out}/ro.out 2> {out}/ro.err &
       PID=$!
@@ -421,7 +430,8 @@ def test_study_and_report_on_a_full_disk(tmp_path):
   before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
   proc = _in_private_tmpfs(tmp_path, mount, "16k", f"""
       dd if=/dev/zero of={mount}/filler bs=4k 2>/dev/null || true  # Fills it.
-      rc=0; {study} > {out}/study.out 2> {out}/study.err || rc=$?; echo $rc > {out}/study.rc
+      rc=0; {study} > {out}/study.out 2> {out}/study.err || rc=$?
+      echo $rc > {out}/study.rc
       rc=0; {report} > {out}/report.out 2> {out}/report.err || rc=$?
       echo $rc > {out}/report.rc
       """)
@@ -474,3 +484,38 @@ def test_data_dir_on_a_full_disk(tmp_path):
   assert "no space left on device; the run has written nothing yet" in err
   assert "--config.data_dir=<a folder on a disk with room>" in err
   assert not workdir.exists()
+
+
+@needs_mount
+def test_study_on_a_disk_that_fills_stops_and_resumes(tmp_path, data_dir, cache_dir):
+  """A study's run meets the full disk: the study stops with the run's message; once
+  there is room, rerunning the study resumes that run and writes the report."""
+  mount, out = str(tmp_path / "disk"), tmp_path / "out"
+  out.mkdir()
+  study = " ".join([f"{sys.executable} -m sparse_jax.study", f"--config={DEFAULT_CONFIG}",
+                    f"--workdir={mount}/study", "--variants=vanilla", "--seeds=0",
+                    f"--config.data_dir={data_dir}",
+                    f"--compilation_cache_dir={cache_dir}",
+                    "--config.num_steps=40", "--config.checkpoint_every=5",
+                    "--config.log_every=5", *TINY_RUN])
+  run = lambda name: (f"rc=0; {study} > {out}/{name}.out 2> {out}/{name}.err || rc=$?; "
+                      f"echo $rc > {out}/{name}.rc")
+  proc = _in_private_tmpfs(tmp_path, mount, "1200k", f"""
+      {run("first")}
+      mount -o remount,size=20m {mount}
+      {run("second")}
+      """)
+  if proc.returncode == 90:
+    pytest.skip("tmpfs mount failed: " + proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+  rc, err = _results(out, "first")
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, f"{mount}/study/runs/base/vanilla/seed_0",
+                     "failed: no space left on device (",
+                     "rerunning the same command resumes from the last complete "
+                     "checkpoint, step ")
+  resumed = err.split("checkpoint, step ")[1].split(";")[0]
+  rc, err = _results(out, "second")
+  assert rc == 0, err[-3000:]
+  assert f"Resuming from checkpoint at step {resumed}" in err
+  assert (out / "second.out").read_text().strip() == f"{mount}/study/report/report.md"
