@@ -182,7 +182,10 @@ def unit_metrics(activity: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, j
   the number of live units; live_unit_density = active (token, unit) pairs / (tokens x
   live units), the density among live units (0 when every unit is dead). So density =
   (1 - dead_unit_share) x live_unit_density. Plus '<metric>/mean' over all layers and,
-  for named stacks ('encoder/layer_0'), '<metric>/<stack>/mean'.
+  for named stacks ('encoder/layer_0'), '<metric>/<stack>/mean'; the live-unit
+  density's means are over the layers that have live units (a layer whose units all
+  died has no density among live units; counting it as 0 would call the network
+  sparser for losing that layer), 0 when no layer has any.
   """
   per_layer: dict[str, dict[str, jax.Array]] = {n: {} for n in UNIT_METRICS}
   for name, counts in activity.items():
@@ -197,18 +200,26 @@ def unit_metrics(activity: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, j
     per_layer["effective_width"][name] = width
     per_layer["live_unit_density"][name] = jnp.where(slots > 0, pairs / jnp.maximum(
         slots, 1.0), 0.0)
+  def mean(metric: str, names: list[str]) -> jax.Array:
+    values = jnp.stack([per_layer[metric][n] for n in names])
+    if metric != "live_unit_density":
+      return jnp.mean(values)
+    alive = jnp.stack([per_layer["effective_width"][n] for n in names]) > 0
+    return jnp.sum(jnp.where(alive, values, 0.0)) / jnp.maximum(jnp.sum(alive), 1)
+
   out: dict[str, jax.Array] = {}
+  stacks: dict[str, list[str]] = {}
+  for name in activity:
+    stack = name.rpartition("/")[0]
+    if stack:
+      stacks.setdefault(stack, []).append(name)
   for metric, values in per_layer.items():
-    groups: dict[str, list[jax.Array]] = {}
     for name, v in values.items():
       out[f"{metric}/{name}"] = v
-      stack = name.rpartition("/")[0]
-      if stack:
-        groups.setdefault(stack, []).append(v)
-    for stack, vs in groups.items():
-      out[f"{metric}/{stack}/mean"] = jnp.mean(jnp.stack(vs))
+    for stack, names in stacks.items():
+      out[f"{metric}/{stack}/mean"] = mean(metric, names)
     if values:
-      out[f"{metric}/mean"] = jnp.mean(jnp.stack(list(values.values())))
+      out[f"{metric}/mean"] = mean(metric, list(values))
   return out
 
 

@@ -60,7 +60,10 @@ def test_all_dead_layer_and_means_over_layers():
   np.testing.assert_allclose(out["live_unit_density/layer_0"], 0.25)
   assert float(out["dead_unit_share/mean"]) == 0.5
   assert float(out["effective_width/mean"]) == 2.0
-  np.testing.assert_allclose(out["live_unit_density/mean"], 0.125)
+  # The all-dead layer has no live-unit density: the mean is over layer 0 alone.
+  np.testing.assert_allclose(out["live_unit_density/mean"], 0.25)
+  none = metrics.unit_metrics(metrics.unit_activity(_inter(dead, dead)))
+  assert float(none["live_unit_density/mean"]) == 0.0  # not nan
 
 
 def test_per_token_masks_per_stack():
