@@ -33,7 +33,10 @@ def _config(checkpoint: str, variant: str = "finetune"):
 
 
 def _imported(checkpoint: str, variant: str = "finetune"):
-  config, source = finetune.configured(_config(checkpoint, variant))
+  c = _config(checkpoint, variant)
+  if checkpoint.startswith("mtf:"):  # Not in a Mesh TF checkpoint: the fixtures' value.
+    c.model.relative_attention_max_distance = 20
+  config, source = finetune.configured(c)
   exp = train.build_experiment(config, source=source)
   return config, source, exp, train.init_state(exp).params
 
@@ -42,12 +45,16 @@ def _reference(name):
   return np.load(os.path.join(FIXTURES, name, "reference.npz"))
 
 
-@pytest.mark.parametrize("name", ["t5_v1_0", "t5_v1_0_bin", "t5_v1_1"])
-def test_hf_t5_imports_to_the_reference_logits_and_greedy_tokens(name):
-  ref = _reference("t5_v1_0" if name == "t5_v1_0_bin" else name)
-  config, source, exp, params = _imported(f"hf:{FIXTURES}/{name}")
-  gated = name == "t5_v1_1"
-  assert isinstance(source, hf_t5.HfT5Source)
+@pytest.mark.parametrize("name", ["t5_v1_0", "t5_v1_0_bin", "t5_v1_1", "t5_v1_0_mtf",
+                                  "t5_v1_1_mtf"])
+def test_t5_imports_to_the_reference_logits_and_greedy_tokens(name):
+  """HF directories (safetensors, pytorch_model.bin) and Mesh TF checkpoints of the same
+  weights (the *_mtf fixtures, which transformers' converter loads to these logits)."""
+  ref = _reference(name.replace("_bin", "").replace("_mtf", ""))
+  fmt = "mtf" if name.endswith("_mtf") else "hf"
+  config, source, exp, params = _imported(f"{fmt}:{FIXTURES}/{name}")
+  gated = name.startswith("t5_v1_1")
+  assert isinstance(source, hf_t5.HfT5Source) and source.format == fmt
   m = config.model
   assert (m.d_model, m.d_ff, m.num_heads, m.head_dim, m.vocab_size) == (16, 32, 2, 8, 256)
   assert (m.num_encoder_layers, m.relative_attention_num_buckets,
@@ -141,6 +148,8 @@ def test_a_tensor_that_does_not_fit_is_named_before_compiling(tmp_path):
     pretrained.resolve("hff:/x")
   with pytest.raises(ConfigError, match=r"has no config.json"):
     finetune.configured(_config(f"hf:{tmp_path}/missing"))
+  with pytest.raises(ConfigError, match=r"mtf:.* holds no TF checkpoint(.|\n)*\nFix: "):
+    finetune.configured(_config(f"mtf:{tmp_path}"))
 
 
 def _vit_finetune(checkpoint):
@@ -191,3 +200,46 @@ def test_a_run_trained_here_exports_to_the_hf_layout_and_imports_back(tmp_path):
   assert a.keys() == b.keys()
   for path in a:
     np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(path))
+
+
+def test_cli_finetunes_a_hf_t5_for_sparsity_and_exports_it(tmp_path, data_dir, cache_dir):
+  """The user's path through the CLI: T5 v1.1 (gated GELU) from `hf:`, its GELU mixed
+  into J-SquaredReLU, evaluated before (= the source), finetuned, written back as a HF
+  directory whose import is the run's final model."""
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "finetune"
+  result = run_cli(
+      f"--config={REPO}/configs/t5_c4.py:tiny,finetune", f"--workdir={workdir}",
+      f"--config.data_dir={data_dir}", f"--compilation_cache_dir={cache_dir}",
+      f"--config.finetune.checkpoint=hf:{FIXTURES}/t5_v1_1",
+      # v1.1's directory has no spiece.model: the v1.0 fixture's vocabulary (256 ids).
+      f"--config.text.vocabulary_path={FIXTURES}/t5_v1_0/spiece.model",
+      "--config.num_steps=6", "--config.log_every=3", "--config.eval_every=6",
+      "--config.checkpoint_every=6", "--config.optimizer.warmup_steps=2",
+      "--config.batch_size=8", "--config.eval_batch_size=16",
+      "--config.text.eval_max_examples=32", "--config.metrics_batch_size=4",
+      "--config.finetune.lora_rank=2", "--config.sparsity.activation_mixing_steps=3",
+      "--config.sparsity.uplift_steps=3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  saved = summary["config"]
+  assert saved["model"]["gated_mlp"] is True and saved["model"]["d_ff"] == 32
+  assert saved["sparsity"]["mixing_source"] == "gelu_tanh"
+  assert summary["train/activation_mixing"] == 1.0
+  # GELU is dense; J-SquaredReLU is not: the finetune made the MLPs sparser.
+  assert summary["before_finetuning/eval/activation_density/mean"] > 0.99
+  assert summary["eval/activation_density/mean"] < 0.9
+  export = summary["export_dir"]
+  hf = json.loads(open(os.path.join(export, "config.json")).read())
+  assert hf["feed_forward_proj"] == "gated-jsrelu" and hf["tie_word_embeddings"] is False
+
+  config, _, exp, params = _imported(f"hf:{export}")
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from sparse_jax.transforms import lora  # pylint: disable=import-outside-toplevel
+  final = ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "6" / "state"))
+  merged = traverse_util.flatten_dict(jax.device_get(lora.merge(final["params"])))
+  imported = traverse_util.flatten_dict(jax.device_get(params))
+  assert merged.keys() == imported.keys()
+  for path, value in merged.items():
+    np.testing.assert_allclose(imported[path], value, rtol=1e-6, atol=1e-7,
+                               err_msg="/".join(path))

@@ -3,7 +3,8 @@
 Run by hand, from the repository root, in a scratch virtual environment with the
 reference implementations (never needed by the tests or the package):
 
-  python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch transformers sentencepiece
+  python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch "transformers<5" \
+      sentencepiece protobuf tensorflow-cpu
   /tmp/ref/bin/python tools/make_reference_fixtures.py
 
 For each layout it writes a directory tests/fixtures/<name>/ holding the checkpoint as
@@ -16,6 +17,10 @@ Layouts:
   t5_v1_0       HF T5 v1.0 (ReLU MLP, tied embeddings), model.safetensors + spiece.model
   t5_v1_0_bin   the same weights as pytorch_model.bin (read without torch)
   t5_v1_1       HF T5 v1.1 / Flan-T5 (gated-GELU MLP, untied lm_head), no spiece.model
+  t5_v1_0_mtf, t5_v1_1_mtf  the same weights as Mesh TensorFlow checkpoints (the original
+                T5 releases' variable names; needs tensorflow too): written here from
+                the HF tensors and checked by loading them back with transformers'
+                own converter (load_tf_weights_in_t5) to the same logits
   vit_hf        HF ViTForImageClassification (class token, exact GELU, eps 1e-12)
   vit_npz       vision_transformer's .npz layout (class token, tanh GELU, eps 1e-6): the
                 weights of a HF ViT of that activation and epsilon, renamed here into
@@ -113,6 +118,7 @@ def _t5(name: str, *, gated: bool, spiece: bytes, seed: int, keep_spiece: bool) 
                       decoder_tokens=decoder, logits=logits.astype(np.float32),
                       greedy_tokens=greedy[:, 1:], texts=np.array(TEXTS),
                       text_ids=token_ids)
+  _mesh_tf(model, config, directory + "_mtf", encoder, decoder, logits)
   if name == "t5_v1_0":  # The same weights in torch's own format, for the torch-free reader.
     bin_dir = os.path.join(OUT, name + "_bin")
     os.makedirs(bin_dir, exist_ok=True)
@@ -122,6 +128,58 @@ def _t5(name: str, *, gated: bool, spiece: bytes, seed: int, keep_spiece: bool) 
     os.remove(spiece_path)
   print(f"{directory}: {sum(p.numel() for p in model.parameters())} params, "
         f"greedy {greedy[:, 1:].tolist()}")
+
+
+def _mtf_name(name: str) -> str | None:
+  """The Mesh TF variable name of a HF T5 tensor (None: a copy of shared.weight)."""
+  if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+    return None
+  if name == "shared.weight":
+    return "shared/embedding"
+  if name == "lm_head.weight":
+    return "decoder/logits/kernel"
+  parts = name.split(".")
+  if parts[1] == "final_layer_norm":
+    return f"{parts[0]}/final_layer_norm/scale"
+  stack, _, block, _, layer, *rest = parts
+  prefix = f"{stack}/block_{int(block):03d}/layer_{int(layer):03d}/"
+  if rest == ["layer_norm", "weight"]:
+    return prefix + "layer_norm/scale"
+  if rest[0] == "DenseReluDense":
+    return prefix + f"DenseReluDense/{rest[1]}/kernel"
+  return prefix + "/".join(rest[:-1])  # SelfAttention/q, .../relative_attention_bias
+
+
+def _mesh_tf(model, config, directory: str, encoder: np.ndarray, decoder: np.ndarray,
+             reference: np.ndarray) -> None:
+  """`model`'s weights as a Mesh TF checkpoint ([in, out], as T5's releases), plus an
+  Adafactor slot and global_step; transformers' converter must load it to `reference`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  variables = {}
+  for name, value in model.state_dict().items():
+    mtf = _mtf_name(name)
+    if mtf == "decoder/logits/kernel" and config.tie_word_embeddings:
+      continue  # v1.0's head is the embedding: its releases have no logits kernel.
+    if mtf is not None:
+      array = value.numpy()
+      variables[mtf] = tf.Variable(array if mtf == "shared/embedding" else array.T)
+  variables["shared/embedding_slot_vc"] = tf.Variable(np.ones(config.vocab_size, np.float32))
+  variables["global_step"] = tf.Variable(np.int64(100))
+  tf.compat.v1.train.Saver(variables).save(None, os.path.join(directory, "model.ckpt-100"),
+                                           write_state=False)
+  with open(os.path.join(directory, "checkpoint"), "w") as f:  # Relative: CI's paths differ.
+    f.write('model_checkpoint_path: "model.ckpt-100"\n'
+            'all_model_checkpoint_paths: "model.ckpt-100"\n')
+  loaded = transformers.T5ForConditionalGeneration(config).eval()
+  transformers.models.t5.modeling_t5.load_tf_weights_in_t5(
+      loaded, config, os.path.join(directory, "model.ckpt-100"))
+  encoder, decoder = torch.tensor(encoder), torch.tensor(decoder)
+  with torch.no_grad():
+    logits = copy.deepcopy(loaded).double()(
+        input_ids=encoder, attention_mask=encoder != 0, decoder_input_ids=decoder).logits
+  assert np.abs(logits.numpy() - reference).max() < 1e-9, "converter disagrees"
+  print(f"{directory}: transformers' load_tf_weights_in_t5 gives the reference logits")
 
 
 def _randomised(model, seed: int):
@@ -199,7 +257,9 @@ def main() -> None:
   _t5("t5_v1_0", gated=False, spiece=spiece, seed=0, keep_spiece=True)
   _t5("t5_v1_1", gated=True, spiece=spiece, seed=1, keep_spiece=False)
   _vit(seed=2)
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+              "tensorflow": tf.__version__,
               "transformers": transformers.__version__,
               "sentencepiece": spm.__version__, "numpy": np.__version__}
   with open(os.path.join(OUT, "versions.json"), "w") as f:

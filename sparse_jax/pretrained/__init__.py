@@ -8,6 +8,7 @@
           T5 (v1.0, v1.1, Flan-T5)                                     hf_t5.py
           ViT (ViTModel, ViTForImageClassification)                    hf_vit.py
   npz     a big_vision / vision_transformer ViT .npz                    npz_vit.py
+  mtf     a Mesh TensorFlow T5 checkpoint (the T5 v1.0 / v1.1 releases) mtf_t5.py
 
 The trainer asks the source for its model config (`configure`), its params
 (`read_params`) and to write the finetuned model back in its layout (`export`); a new
@@ -16,7 +17,7 @@ format is a new module here plus one line in FORMATS.
 from sparse_jax.errors import ConfigError
 from typing import Callable
 
-from sparse_jax.pretrained import hf_t5, hf_vit, native, npz_vit
+from sparse_jax.pretrained import hf_t5, hf_vit, mtf_t5, native, npz_vit
 from sparse_jax.pretrained.base import Source
 
 
@@ -28,7 +29,8 @@ def _hf(location: str, step: int = -1) -> Source:
 
 
 FORMATS: dict[str, Callable[[str, int], Source]] = {
-    "native": native.NativeSource, "hf": _hf, "npz": npz_vit.NpzViTSource}
+    "native": native.NativeSource, "hf": _hf, "npz": npz_vit.NpzViTSource,
+    "mtf": mtf_t5.MtfT5Source}
 # Detection order for a bare path: the first whose test accepts the files wins.
 _DETECT = ((hf_t5.is_hf_t5, hf_t5.HfT5Source), (hf_vit.is_hf_vit, hf_vit.HfViTSource),
            (lambda p: p.endswith(".npz"), npz_vit.NpzViTSource),

@@ -254,7 +254,12 @@ class HfT5Source(base.Source):
   format: ClassVar[str] = "hf"
 
   def hf_config(self) -> dict[str, Any]:
+    """The model's HF config.json."""
     return read_config(self.location)
+
+  def tensor_files(self) -> Any:
+    """The weights, by HF name: `names()`, `shape(name)`, `read(name)` (numpy)."""
+    return TensorFiles(self.location)
 
   def _layout(self) -> dict[str, Any]:
     hf = self.hf_config()
@@ -288,7 +293,7 @@ class HfT5Source(base.Source):
     layout = self._layout()
     mapping = _mapping(layout)
     heads = layout["model.num_heads"]
-    tensors = TensorFiles(self.location)
+    tensors = self.tensor_files()
     shapes = {}
     for name in tensors.names():
       if _ALIASES.match(name) or (name == "lm_head.weight" and layout["hf_tied"]):
@@ -311,7 +316,7 @@ class HfT5Source(base.Source):
                           "source sets them; do not override model.* on the command line).")
     layout = self._layout()
     by_path = {ours: (hf, kind) for hf, (ours, kind) in _mapping(layout).items()}
-    tensors = TensorFiles(self.location)
+    tensors = self.tensor_files()
 
     def reader(path):
       hf, kind = by_path[path]
