@@ -20,7 +20,7 @@ output (or input) at each position.
 import json
 import os
 import re
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import ml_collections
