@@ -243,3 +243,23 @@ def test_cli_finetunes_a_hf_t5_for_sparsity_and_exports_it(tmp_path, data_dir, c
   for path, value in merged.items():
     np.testing.assert_allclose(imported[path], value, rtol=1e-6, atol=1e-7,
                                err_msg="/".join(path))
+
+
+def test_the_torch_free_reader_refuses_code_in_the_pickle(tmp_path):
+  """pytorch_model.bin is a pickle: one that calls anything but torch's tensor rebuild
+  (here os.system) is refused, not run."""
+  import pickle  # pylint: disable=import-outside-toplevel
+  import zipfile  # pylint: disable=import-outside-toplevel
+  from sparse_jax.pretrained import torch_bin  # pylint: disable=import-outside-toplevel
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, (f"touch {tmp_path}/ran",))
+  path = tmp_path / "pytorch_model.bin"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("archive/data.pkl", pickle.dumps({"shared.weight": Evil()}))
+  with pytest.raises(ValueError, match=r"posix.system is not part of a plain state dict"):
+    torch_bin.load(str(path))
+  assert not (tmp_path / "ran").exists()
+  state = torch_bin.load(os.path.join(FIXTURES, "t5_v1_0_bin", "pytorch_model.bin"))
+  assert state["shared.weight"].shape == (256, 16) and state["shared.weight"].dtype == np.float32
