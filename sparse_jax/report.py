@@ -530,8 +530,8 @@ def layer_figure(runs: list[RunData], out: epath.Path,
     return None
   plt = _plt()
   points = _ordered_points(done)
-  fig, axes = plt.subplots(len(points), 1, figsize=(max(6, 0.9 * len(layers) + 2),
-                                                    3.6 * len(points)), squeeze=False)
+  fig, axes = plt.subplots(len(points), 1, figsize=(max(7, 0.9 * len(layers) + 2),
+                                                    3.8 * len(points)), squeeze=False)
   what = ylabel.split("\n")[0]
   for ax, point in zip(axes[:, 0], points):
     variants = _ordered_variants([r for r in done if r.point == point])
@@ -548,8 +548,9 @@ def layer_figure(runs: list[RunData], out: epath.Path,
     ax.set_xticks(x)
     ax.set_xticklabels([l.replace("/", "\n") for l in layers], fontsize=8)
     ax.set_ylabel(ylabel, fontsize=9)
+    # The grid point on a line of its own: long point names stay inside the figure.
     ax.set_title(f"Final {what} per layer (mean \u00b1 sd over seeds)"
-                 + ("" if len(points) == 1 else f", {point}"), fontsize=10)
+                 + ("" if len(points) == 1 else f"\n{point}"), fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
   fig.tight_layout()
