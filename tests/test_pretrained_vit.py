@@ -53,15 +53,21 @@ def test_vit_imports_to_the_reference_logits(checkpoint, activation, eps):
 
 
 @pytest.mark.parametrize("checkpoint", ["hf:{}/vit_hf", "{}/vit_npz/model.npz"])
-def test_export_to_npz_then_import_gives_identical_params(tmp_path, checkpoint):
+def test_export_in_the_sources_layout_then_import_gives_identical_params(tmp_path,
+                                                                         checkpoint):
   config, source, _, params = _imported(checkpoint.format(FIXTURES))
   params = jax.tree.map(lambda x: x + 0.25, params)  # Zeroth biases included.
   path = source.export(params, config, str(tmp_path))
-  with np.load(path) as npz:
-    assert json.loads(str(npz["sparse_jax"])) == {"activation": "jsrelu",
-                                                   "zeroth_bias_position": "mlp_output"}
-    assert npz["Transformer/encoderblock_1/MlpBlock_3/zeroth_bias"].shape == (5, 16)
-  again, _, _, params2 = _imported(f"npz:{path}")
+  record = {"activation": "jsrelu", "zeroth_bias_position": "mlp_output"}
+  if source.format == "npz":
+    with np.load(path) as npz:
+      assert json.loads(str(npz["sparse_jax"])) == record
+      assert npz["Transformer/encoderblock_1/MlpBlock_3/zeroth_bias"].shape == (5, 16)
+  else:
+    hf = json.loads(open(os.path.join(path, "config.json")).read())
+    assert hf["sparse_jax"] == record and hf["hidden_act"] == "jsrelu"
+    assert hf["layer_norm_eps"] == 1e-12
+  again, _, _, params2 = _imported(f"{source.format}:{path}")
   assert again.sparsity.mixing_source == "jsrelu"
   a = traverse_util.flatten_dict(jax.device_get(params))
   b = traverse_util.flatten_dict(jax.device_get(params2))
