@@ -33,7 +33,7 @@ def test_mixing_schedule_and_mixture():
   np.testing.assert_allclose(act.mixed_activation(z, 0.25),
                              0.75 * act.relu(z) + 0.25 * act.jsrelu(z), rtol=1e-6)
   with pytest.raises(ValueError, match="Unknown activation"):
-    act.apply_activation("gelu", z)
+    act.apply_activation("swish", z)
 
 
 def test_box_projection_is_relative_to_norm_scale():
