@@ -295,7 +295,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   two-line error instead of absl's usage dump."""
   try:
     argv = flags.FLAGS(argv)
-    if flags.FLAGS.config is None:
+    if "config" in flags.FLAGS and flags.FLAGS.config is None:  # (report has none.)
       raise ConfigError("No --config given.\nFix: pass --config=configs/default.py.")
     return argv
   except ConfigError as e:

@@ -932,7 +932,7 @@ def main(argv: list[str] | None = None) -> None:
             + "\n  ".join(skipped), file=sys.stderr)
     print(epath.Path(path) / "report.md")
 
-  app.run(run, argv=argv or sys.argv)
+  app.run(run, argv=argv or sys.argv, flags_parser=cli.parse_flags)  # Two-line errors.
 
 
 if __name__ == "__main__":

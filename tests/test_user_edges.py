@@ -387,6 +387,8 @@ def test_report_on_a_dir_that_does_not_exist(tmp_path):
   assert_clean_error(proc, f"{tmp_path / 'no_study'} does not exist",
                      "Fix: pass run workdirs or folders holding them")
   assert not (tmp_path / "report").exists()
+  proc = _report(str(tmp_path), f"--out={tmp_path / 'report'}", "--outdir=x")
+  assert_clean_error(proc, "Unknown command line flag 'outdir'")  # Not absl's FATAL.
 
 
 def test_report_names_left_out_runs_and_bounds_file_names(tmp_path):
