@@ -263,3 +263,25 @@ def test_the_torch_free_reader_refuses_code_in_the_pickle(tmp_path):
   assert not (tmp_path / "ran").exists()
   state = torch_bin.load(os.path.join(FIXTURES, "t5_v1_0_bin", "pytorch_model.bin"))
   assert state["shared.weight"].shape == (256, 16) and state["shared.weight"].dtype == np.float32
+
+
+def test_sharded_safetensors_read_through_their_index(tmp_path):
+  """Large HF checkpoints come as model-0000i-of-0000n.safetensors + an index."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  whole = load_file(os.path.join(FIXTURES, "t5_v1_1", "model.safetensors"))
+  names = sorted(whole)
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  shutil.copy(os.path.join(FIXTURES, "t5_v1_1", "config.json"), sharded)
+  for file, part in shards.items():
+    save_file({n: whole[n] for n in part}, str(sharded / file))
+  (sharded / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {n: f for f, part in shards.items() for n in part}}))
+  *_, params = _imported(f"hf:{sharded}")
+  *_, reference = _imported(f"hf:{FIXTURES}/t5_v1_1")
+  a = traverse_util.flatten_dict(jax.device_get(params))
+  b = traverse_util.flatten_dict(jax.device_get(reference))
+  for path in b:
+    np.testing.assert_array_equal(a[path], b[path])
