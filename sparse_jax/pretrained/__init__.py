@@ -12,11 +12,12 @@
 
 The trainer asks the source for its model config (`configure`), its params
 (`read_params`) and to write the finetuned model back in its layout (`export`); a new
-format is a new module here plus one line in FORMATS.
+format is a new module here plus one line in FORMATS (and one in _DETECT to recognise
+its files without a prefix).
 """
-from sparse_jax.errors import ConfigError
 from typing import Callable
 
+from sparse_jax.errors import ConfigError
 from sparse_jax.pretrained import hf_t5, hf_vit, mtf_t5, native, npz_vit
 from sparse_jax.pretrained.base import Source
 
