@@ -326,6 +326,20 @@ def _client():
     return None
 
 
+def meet(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process of the job has reached the point `name` (a barrier of
+  the coordination service, used once per name); at once in a single process.
+
+  Not a collective: on CPU a collective (gloo) gives up on a process that reaches it
+  more than 30 s after the others ("Gloo context initialization failed:
+  DEADLINE_EXCEEDED"), which a process that compiles for a minute while another finds
+  its programs in the persistent cache does.
+  """
+  client = _client()
+  if client is not None:
+    client.wait_at_barrier(f"sparse_jax/{name}", timeout_s * 1000)
+
+
 def announce_stop(message: str) -> None:
   """Tells the other processes that this one stops with `message` (an error of its own);
   the first announcement of a job wins. Never raises: the process is on its way out."""

@@ -27,7 +27,7 @@ from flax import struct, traverse_util
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import (config_schema, finetune, metric_log, metrics, pretrained,
                         run_files, sharding, tasks)
-from sparse_jax import storage
+from sparse_jax import distributed, storage
 from sparse_jax.run_files import (BEFORE_FILE, CONFIG_FILE, EXPORT_DIR, SUMMARY_FILE,
                                   read_json, workdir_path, write_json_atomic)
 from sparse_jax.errors import ConfigError
@@ -588,6 +588,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       plain_step = make_train_step(exp, with_metrics=False).lower(state, first).compile()
     metrics_step = make_train_step(exp, with_metrics=True).lower(state, first).compile()
     log.info("Compiled the train steps in %.1f s.", time.time() - compile_start)
+    # The first step's collectives must not start while another process still compiles.
+    distributed.meet("train steps compiled")
     batches = itertools.chain([first], batches)
   writer = _writer(str(root))
   history = metric_log.MetricLog(root, start_step, active=is_chief)
