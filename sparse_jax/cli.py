@@ -227,14 +227,15 @@ def override_value_message(error: BaseException, flag_values: flags.FlagValues,
   key = name.removeprefix("config.")
   flag = flag_values[name] if name in flag_values else None
   parser = type(getattr(flag, "parser", None)).__name__
+  if parser not in [p for p, _, _ in _TYPE_WORDS]:  # --config itself: its file failed.
+    return None
   if parser in ("IntegerParser", "FloatParser"):
     try:  # Of the type, so refused for its bounds: absl's own words say which.
       flag.parser.convert(value)
       return None
     except (TypeError, ValueError):
       pass
-  need, example = next(((w, e) for p, w, e in _TYPE_WORDS if p == parser),
-                       ("a value of its type", None))
+  need, example = next((w, e) for p, w, e in _TYPE_WORDS if p == parser)
   default = getattr(flag, "default", None)
   if parser == "EnumClassParser":
     need = "one of " + ", ".join(flag.parser.enum_values)
