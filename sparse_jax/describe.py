@@ -16,7 +16,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sparse_jax import sharding, train
+from sparse_jax import finetune, sharding, train
+from sparse_jax.errors import ConfigError
 
 MIB = 2**20
 
@@ -130,6 +131,23 @@ def memory_table(exp: train.Experiment, num_devices: int) -> tuple[str, list[Mes
   return "\n".join(lines), rows
 
 
+def _with_public_source(config: ml_collections.ConfigDict
+                        ) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The config a public finetune source (hf:, npz:, mtf:) sets, when it can be read
+  here, and a line saying which; a sparse_jax workdir must match the config anyway, and
+  an unreadable source leaves the config as given (--dry_run sizes a config without its
+  checkpoint)."""
+  source = finetune.source(config)
+  if source is None or source.format == "native":
+    return config, []
+  try:
+    configured, _ = finetune.configured(config)
+  except ConfigError as e:
+    return config, [f"== finetune source ==\n{source.describe()} not read here "
+                    f"({str(e).splitlines()[0]}): sized from the config as given."]
+  return configured, [f"== finetune source ==\n{source.describe()}: model keys from it."]
+
+
 def describe(config: ml_collections.ConfigDict, num_devices: int | None = None) -> str:
   """The resolved config, the mesh, a parameter table with the total, and the memory
   per device on `num_devices` devices (default: the devices here) for a few meshes.
@@ -137,6 +155,7 @@ def describe(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   Raises:
     ConfigError: the config's mesh_shape does not fit `num_devices` (as in training).
   """
+  config, source_note = _with_public_source(config)
   local = jax.device_count()
   n = local if num_devices is None else int(num_devices)
   config_mesh = sharding.resolve_mesh_shape(config.mesh_shape, n)
@@ -164,6 +183,7 @@ def describe(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            "device(s) here)")
   memory, _ = memory_table(exp, n)
   return "\n".join([
+      *source_note,
       "== config ==", str(config),
       "== mesh ==",
       f"axes {dict(axis_sizes)} (mesh_shape {tuple(config.mesh_shape)}) over {where}, "

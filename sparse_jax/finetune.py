@@ -44,9 +44,9 @@ def configured(config: ml_collections.ConfigDict
                ) -> tuple[ml_collections.ConfigDict, pretrained.Source | None]:
   """(the config to run, its source): the source resolved once and asked for the
   model config it decides. ConfigError unless the finetune keys are consistent, the
-  source exists, holds a checkpoint and fits the config. Reads config files and
-  directory listings only; `--dry_run` skips it, so a finetune config can be sized
-  without its checkpoint."""
+  source exists, holds a checkpoint and fits the config. Reads config files, directory
+  listings and tensor shapes; `--dry_run` uses it only for a public source it can read,
+  so a finetune config can be sized without its checkpoint."""
   f = config.finetune
   if not f.checkpoint:
     if config.variant == "finetune":

@@ -5,6 +5,7 @@ the reference tokenizer's ids, export -> import is exact, and what does not fit 
 named before anything compiles."""
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -285,3 +286,14 @@ def test_sharded_safetensors_read_through_their_index(tmp_path):
   b = traverse_util.flatten_dict(jax.device_get(reference))
   for path in b:
     np.testing.assert_array_equal(a[path], b[path])
+
+
+def test_dry_run_sizes_the_model_of_a_public_source():
+  from sparse_jax import describe  # pylint: disable=import-outside-toplevel
+  c = _config(f"hf:{FIXTURES}/t5_v1_1")
+  out = describe.describe(c, 1)
+  assert "model keys from it" in out
+  assert re.search(r"encoder/layer_0/mlp/wi_linear/kernel +\(16, 32\)", out)  # v1.1's.
+  missing = describe.describe(_config("hf:/nonexistent/t5"), 1)
+  assert "not read here" in missing
+  assert re.search(r"encoder/layer_0/mlp/wi/kernel +\(768, 3072\)", missing)  # As given.
