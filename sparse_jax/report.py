@@ -654,13 +654,17 @@ def _grid_figure(summary: dict[str, Any], x_of, xlabel: str, file: str, title: s
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{v:.3g}" for v in xs], fontsize=8)
         ax.minorticks_off()
+      else:  # Unlabelled minor ticks: their 3x10^-5-style labels overlap.
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
+  # One legend for the value panels, under them, so no line is hidden behind it.
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=8)
   fig.suptitle(f"{title} (mean \u00b1 sd over seeds"
                + ("; ratios: 95% Welch CI)" if ratios else ")"))
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.035 * math.ceil(len(labels) / 2) + 0.01, 1, 1))
   fig.savefig(file, dpi=110)
   plt.close(fig)
 
