@@ -327,7 +327,8 @@ def test_workdir_made_read_only_or_removed_mid_run(tmp_path, data_dir, cache_dir
   assert proc.returncode == 0, proc.stderr
   rc, err = _results(out, "ro")
   assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {work}/", "failed: read-only file system",
+  # Whichever write comes first: metrics.jsonl, or a checkpoint (named by its step).
+  _check_write_error(err, f"{work}/", "failed: read-only file system",
                      "resumes from the last complete checkpoint, step ",
                      f"Fix: make {work} writable again")
   resumed = err.split("checkpoint, step ")[1].split(";")[0]
@@ -336,7 +337,7 @@ def test_workdir_made_read_only_or_removed_mid_run(tmp_path, data_dir, cache_dir
   assert f"Resuming from checkpoint at step {resumed}" in err and "Done" in err
   rc, err = _results(out, "gone")
   assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {gone}/", "failed: the workdir is gone",
+  _check_write_error(err, f"{gone}/", "failed: the workdir is gone",
                      f"{gone} no longer exists", "Fix: put the workdir back")
 
 
