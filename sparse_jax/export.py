@@ -49,6 +49,10 @@ def main(argv) -> None:
           f"--config.finetune.checkpoint=hf:{out}).")
   except ConfigError as e:
     cli.fail(str(e))
+  except OSError as e:  # --out a file, unwritable, or a full disk.
+    cli.fail(f"Cannot write the export to {out}: {e.strerror or e} "
+             f"({getattr(e, 'filename', None) or out}).\nFix: pass an --out in a "
+             "directory you can write to, with room for the model.")
 
 
 def run() -> None:

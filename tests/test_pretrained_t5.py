@@ -170,11 +170,10 @@ def test_mixing_from_gelu_starts_at_gelu_and_ends_at_jsrelu():
   assert not activations.zero_below_zero(mixed)
 
 
-def test_a_run_trained_here_exports_to_the_hf_layout_and_imports_back(tmp_path):
-  """sparse_jax.export: a native T5 run (LoRA merged) -> a HF directory with its
-  vocabulary -> `hf:` gives the run's params and the same logits."""
+def _saved_t5_run(tmp_path):
+  """A tiny sparsified T5 run's workdir (vocabulary: the v1.0 fixture's) with one
+  checkpoint of nonzero zeroth biases: (workdir, its params)."""
   from sparse_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from sparse_jax import export  # pylint: disable=import-outside-toplevel
   spiece = os.path.join(FIXTURES, "t5_v1_0", "spiece.model")
   run = config_schema.apply_variant(config_schema.t5_config(), "sparsified")
   run.model.update(dict(vocab_size=256, d_model=16, num_heads=2, head_dim=8, d_ff=32,
@@ -191,7 +190,15 @@ def test_a_run_trained_here_exports_to_the_hf_layout_and_imports_back(tmp_path):
   saver = ckpt_lib.Checkpointer(str(workdir), save_every=1)
   saver.save(5, state, force=True)
   saver.close()
+  return workdir, params
 
+
+def test_a_run_trained_here_exports_to_the_hf_layout_and_imports_back(tmp_path):
+  """sparse_jax.export: a native T5 run (LoRA merged) -> a HF directory with its
+  vocabulary -> `hf:` gives the run's params."""
+  from sparse_jax import export  # pylint: disable=import-outside-toplevel
+  spiece = os.path.join(FIXTURES, "t5_v1_0", "spiece.model")
+  workdir, params = _saved_t5_run(tmp_path)
   out = export.export_run(str(workdir), str(tmp_path / "hf"))
   assert (tmp_path / "hf" / "spiece.model").read_bytes() == open(spiece, "rb").read()
   config, _, exp2, params2 = _imported(f"hf:{out}", variant="sparsified")
@@ -297,3 +304,22 @@ def test_dry_run_sizes_the_model_of_a_public_source():
   missing = describe.describe(_config("hf:/nonexistent/t5"), 1)
   assert "not read here" in missing
   assert re.search(r"encoder/layer_0/mlp/wi/kernel +\(768, 3072\)", missing)  # As given.
+
+
+def test_export_cli_errors_are_the_two_line_error(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from conftest import assert_clean_error, cli_env  # pylint: disable=import-outside-toplevel
+
+  def export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparse_jax.export", *args],
+                          capture_output=True, text=True, env=cli_env(), cwd=REPO,
+                          timeout=300)
+  blocker = tmp_path / "out"
+  blocker.write_text("a file, not a directory\n")
+  assert_clean_error(export_cli(f"--workdir={tmp_path}/none", f"--out={blocker}"),
+                     "does not exist")
+  workdir, _ = _saved_t5_run(tmp_path)
+  assert_clean_error(export_cli(f"--workdir={workdir}", f"--out={blocker}"),
+                     f"Cannot write the export to {blocker}")
+  assert blocker.read_text() == "a file, not a directory\n"
