@@ -150,7 +150,7 @@ def test_process_with_its_own_error_stops_the_other(tmp_path, data_dir, cache_di
       f"No checkpoint is complete yet in {job.workdir}/checkpoints",
       f"Fix: on process {failing}'s host, pass --config.data_dir=",
       "run the same command again on every host, all 2 processes (it starts from the "
-      f"beginning)", f"--process_id={other}")
+      "beginning)", f"--process_id={other}")
   # At once, not after a timeout.
   assert abs(job.ended_at[other] - job.ended_at[failing]) < 20, message
 
