@@ -312,6 +312,7 @@ def test_workdir_made_read_only_or_removed_mid_run(tmp_path, data_dir, cache_dir
       $MAIN {args(work)} > {out}/ro.out 2> {out}/ro.err &
       PID=$!
       {wait_lines(work, 60)}
+      until [ -d {work}/checkpoints/50 ]; do sleep 0.1; done  # Renamed when whole.
       mount --bind -o ro {work} {work}
       rc=0; wait $PID || rc=$?; echo $rc > {out}/ro.rc
       umount {work}
