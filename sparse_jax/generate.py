@@ -246,6 +246,13 @@ def generate_text(workdir: str, text: str, *, corrupt: bool = False, seed: int =
   import numpy as np  # pylint: disable=import-outside-toplevel
   from sparse_jax import decoding  # pylint: disable=import-outside-toplevel
   run = load_run(workdir)
+  from sparse_jax.ops.activations import zero_below_zero  # pylint: disable=import-outside-toplevel
+  cfg = run.model.cfg
+  if mlp == "sparse" and (cfg.gated_mlp or not zero_below_zero(cfg.activation)):
+    raise ConfigError(
+        f"--mlp=sparse reads only the rows of W2 of active units, which needs a plain "
+        f"MLP whose activation is 0 below 0 (ReLU, J-SquaredReLU); this run's is "
+        f"{'gated ' if cfg.gated_mlp else ''}{cfg.activation!r}.\nFix: pass --mlp=dense.")
   vocab = vocabulary(run.config)
   inputs, targets = _inputs(run, vocab, text, corrupt, seed)
   settings = decoding.DecodeSettings(

@@ -170,14 +170,15 @@ def test_mixing_from_gelu_starts_at_gelu_and_ends_at_jsrelu():
   assert not activations.zero_below_zero(mixed)
 
 
-def _saved_t5_run(tmp_path):
+def _saved_t5_run(tmp_path, gated: bool = False):
   """A tiny sparsified T5 run's workdir (vocabulary: the v1.0 fixture's) with one
   checkpoint of nonzero zeroth biases: (workdir, its params)."""
   from sparse_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   spiece = os.path.join(FIXTURES, "t5_v1_0", "spiece.model")
   run = config_schema.apply_variant(config_schema.t5_config(), "sparsified")
   run.model.update(dict(vocab_size=256, d_model=16, num_heads=2, head_dim=8, d_ff=32,
-                        num_encoder_layers=1, num_decoder_layers=1, max_len=16))
+                        num_encoder_layers=1, num_decoder_layers=1, max_len=16,
+                        gated_mlp=gated))
   run.text.update(dict(inputs_length=12, targets_length=7, vocabulary_path=spiece))
   run.batch_size = run.eval_batch_size = 2
   exp = train.build_experiment(run)
@@ -323,3 +324,14 @@ def test_export_cli_errors_are_the_two_line_error(tmp_path):
   assert_clean_error(export_cli(f"--workdir={workdir}", f"--out={blocker}"),
                      f"Cannot write the export to {blocker}")
   assert blocker.read_text() == "a file, not a directory\n"
+
+
+def test_generate_with_sparse_mlps_refuses_a_gated_run(tmp_path):
+  """ops.mlp_decode reads the rows of W2 of units active after a ReLU-like gate only:
+  a gated (T5 v1.1) run decodes with --mlp=dense, and says so for --mlp=sparse."""
+  from sparse_jax import generate  # pylint: disable=import-outside-toplevel
+  workdir, _ = _saved_t5_run(tmp_path, gated=True)
+  with pytest.raises(ConfigError, match=r"this run's is gated 'jsrelu'.\nFix: pass "
+                     r"--mlp=dense\.$"):
+    generate.generate_text(str(workdir), "A <extra_id_0> text.", mlp="sparse")
+  assert "A" in generate.generate_text(str(workdir), "A <extra_id_0> text.", mlp="dense")
