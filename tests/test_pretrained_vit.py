@@ -113,3 +113,35 @@ def test_what_does_not_fit_is_named(tmp_path):
       "Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel")
   assert npz_vit.our_path("Transformer/encoderblock_3/MlpBlock_0/Dense_1/bias") == (
       "block_3", "mlp", "wo", "bias")  # big_vision's names too.
+
+
+def test_big_vision_names_and_a_scanned_encoder_read_as_the_same_model(tmp_path):
+  """big_vision's names for the same tensors (LayerNorm_1, MultiHeadDotProductAttention_0,
+  MlpBlock_0, a top-level pos_embedding) with the blocks stacked as a scanned encoder
+  saves them: the same params, the reference logits."""
+  with np.load(os.path.join(FIXTURES, "vit_npz", "model.npz")) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  renamed = {}
+  for name, value in arrays.items():
+    name = (name.replace("LayerNorm_2", "LayerNorm_1")
+            .replace("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0")
+            .replace("MlpBlock_3", "MlpBlock_0")
+            .replace("Transformer/posembed_input/pos_embedding", "pos_embedding"))
+    renamed[name] = value
+  stacked = {k: v for k, v in renamed.items() if not k.startswith("Transformer/encoderblock_")}
+  for name in [k for k in renamed if k.startswith("Transformer/encoderblock_0/")]:
+    rest = name[len("Transformer/encoderblock_0/"):]
+    stacked["Transformer/encoderblock/" + rest] = np.stack(
+        [renamed[f"Transformer/encoderblock_{i}/{rest}"] for i in range(2)])
+  np.savez(tmp_path / "big_vision.npz", **stacked)
+  ref = np.load(os.path.join(FIXTURES, "vit_npz", "reference.npz"))
+  *_, exp, params = _imported(f"npz:{tmp_path}/big_vision.npz")
+  *_, original = _imported(f"npz:{FIXTURES}/vit_npz/model.npz")
+  a = traverse_util.flatten_dict(jax.device_get(params))
+  b = traverse_util.flatten_dict(jax.device_get(original))
+  assert a.keys() == b.keys()
+  for p in a:
+    np.testing.assert_array_equal(a[p], b[p])
+  logits = exp.model.apply({"params": params}, ref["images"], train=False, mixing=0.0)
+  np.testing.assert_allclose(logits, ref["logits"], rtol=0,
+                             atol=3e-5 * np.abs(ref["logits"]).max())

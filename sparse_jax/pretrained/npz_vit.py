@@ -5,7 +5,9 @@ params tree, '/'-joined: `embedding/kernel` [p, p, 3, d] (a conv, the same layou
 patch embedding), `cls`, `Transformer/posembed_input/pos_embedding`,
 `Transformer/encoderblock_<i>/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
 MlpBlock_3/Dense_0, Dense_1}` (vision_transformer's names; big_vision's are
-`LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0`),
+`LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0`, its position
+embedding the top-level `pos_embedding`, and a scanned encoder's blocks one
+`Transformer/encoderblock/...` stack on a leading depth axis),
 `Transformer/encoder_norm`, optionally `pre_logits`, and `head`. The attention kernels
 are Flax DenseGeneral's [d, heads, head_dim] / [heads, head_dim, d], as ours, so every
 tensor is copied unchanged. Their MLPs use flax's `nn.gelu` (the tanh approximation)
@@ -42,6 +44,7 @@ _IN_BLOCK = {("LayerNorm_0", "LayerNorm_0"): ("attn_norm",),
              ("MlpBlock_3", "MlpBlock_0"): ("mlp",)}
 _TOP = {"embedding/kernel": ("embedding_kernel",), "embedding/bias": ("embedding_bias",),
         "cls": ("cls",), "Transformer/posembed_input/pos_embedding": ("pos_embedding",),
+        "pos_embedding": ("pos_embedding",),  # big_vision's.
         "Transformer/encoder_norm/scale": ("encoder_norm", "scale"),
         "Transformer/encoder_norm/bias": ("encoder_norm", "bias"),
         "pre_logits/kernel": ("pre_logits", "kernel"),
@@ -90,6 +93,7 @@ def _load(location: str) -> tuple[dict[base.Path, np.ndarray], dict[str, Any]]:
   except (OSError, ValueError) as e:
     raise ConfigError(f"{location} is not a readable .npz ({e}).\n{_FIX}") from None
   record = json.loads(str(arrays.pop(RECORD))) if RECORD in arrays else {}
+  arrays = _unstacked(arrays)
   tensors = {}
   for name, value in arrays.items():
     path = our_path(name)
@@ -99,6 +103,20 @@ def _load(location: str) -> tuple[dict[base.Path, np.ndarray], dict[str, Any]]:
                         f"are not supported yet).\n{_FIX}")
     tensors[path] = value
   return tensors, record
+
+
+def _unstacked(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """big_vision's scanned encoder (`Transformer/encoderblock/...`, every block's tensor
+  stacked on a leading depth axis) as one `encoderblock_<i>` per block."""
+  out = {}
+  for name, value in arrays.items():
+    if name.startswith("Transformer/encoderblock/"):
+      rest = name[len("Transformer/encoderblock/"):]
+      for i, block in enumerate(value):
+        out[f"Transformer/encoderblock_{i}/{rest}"] = block
+    else:
+      out[name] = value
+  return out
 
 
 class NpzViTSource(vit_source.ViTSource):
