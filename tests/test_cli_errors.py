@@ -13,7 +13,7 @@ from conftest import DEFAULT_CONFIG, REPO, assert_clean_error, cli_env, run_cli,
     (["--config.model.nope=1"], ["Unknown config key 'nope'"]),
     (["--config.mesh_shape=(2,1,1)"], ["has 2 devices but 1 are present"]),
     (["--config.image_size=15"], ["not a multiple of model.patch_size"]),
-    (["--config.sparsity.activation=gelu"], ["config.sparsity.activation='gelu'"]),
+    (["--config.sparsity.activation=swish"], ["config.sparsity.activation='swish'"]),
 ])
 def test_bad_config_overrides(tmp_path, extra, phrases):
   workdir = tmp_path / "run"

@@ -126,7 +126,7 @@ def test_study_killed_rerun_report_and_printed_commands(tmp_path, data_dir, cach
     (["--grid=model.nope=1,2"], ["--grid key 'model.nope' is not a key of the config"]),
     (["--grid=model.mlp_dim="], ["--grid=model.mlp_dim= has no values"]),
     (["--config.nonexistent_key=1"], ["Unknown config key 'nonexistent_key'"]),
-    (["--config.sparsity.activation=gelu"], ["config.sparsity.activation='gelu'"]),
+    (["--config.sparsity.activation=swish"], ["config.sparsity.activation='swish'"]),
 ])
 def test_bad_input_fails_before_writing(tmp_path, extra, phrases):
   study_dir = tmp_path / "study"
