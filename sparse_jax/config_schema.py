@@ -120,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
       # (torch MultiheadAttention's, the official ViT: Xavier over the stacked [3d, d]
       # q/k/v, out projection U(+-1/sqrt(d))).
       attention_init="xavier",
-      # 'token' (class token) | 'gap' (mean of the patch tokens, no class token).
+      # 'token' (class token) | 'gap' (mean of the patch tokens, no class token) |
+      # 'map' (attention pooling of the patch tokens, big_vision's MAP head).
       classifier="token",
       norm_epsilon=1e-6,  # LayerNorm epsilon (HF ViT checkpoints: 1e-12).
       representation_size=0))  # > 0: tanh 'pre_logits' layer before the head (i21k).
@@ -541,7 +542,7 @@ RANGES: dict[str, Valid] = {
     "model.num_heads": _POSITIVE,
     "model.mlp_dim": _POSITIVE,
     "model.attention_init": one_of("xavier", "torch"),
-    "model.classifier": one_of("token", "gap"),
+    "model.classifier": one_of("token", "gap", "map"),
     "model.norm_epsilon": number(0, low_open=True),
     "model.representation_size": _COUNT,
     "dataset": one_of(*IMAGE_DATASETS, *TEXT_DATASETS),

@@ -32,16 +32,19 @@ def _imported(checkpoint: str, num_classes: int = 5):
   return config, source, exp, train.init_state(exp).params
 
 
-@pytest.mark.parametrize("checkpoint,activation,eps", [
-    ("hf:{}/vit_hf", "gelu", 1e-12), ("npz:{}/vit_npz/model.npz", "gelu_tanh", 1e-6)])
-def test_vit_imports_to_the_reference_logits(checkpoint, activation, eps):
+@pytest.mark.parametrize("checkpoint,activation,eps,classifier", [
+    ("hf:{}/vit_hf", "gelu", 1e-12, "token"),
+    ("npz:{}/vit_npz/model.npz", "gelu_tanh", 1e-6, "token"),
+    # big_vision's names, no class token, a MAP head (SigLIP's vision tower as reference).
+    ("npz:{}/vit_npz_map/model.npz", "gelu_tanh", 1e-6, "map")])
+def test_vit_imports_to_the_reference_logits(checkpoint, activation, eps, classifier):
   name = checkpoint.split("/")[1]
   ref = np.load(os.path.join(FIXTURES, name, "reference.npz"))
   config, _, exp, params = _imported(checkpoint.format(FIXTURES))
   m = config.model
   assert (m.hidden_size, m.patch_size, m.num_layers, m.num_heads, m.mlp_dim) == (
       16, 4, 2, 2, 32)
-  assert m.classifier == "token" and m.norm_epsilon == eps
+  assert m.classifier == classifier and m.norm_epsilon == eps
   assert config.sparsity.mixing_source == activation
   logits = exp.model.apply({"params": params}, ref["images"], train=False, mixing=0.0)
   scale = np.abs(ref["logits"]).max()
@@ -52,7 +55,8 @@ def test_vit_imports_to_the_reference_logits(checkpoint, activation, eps):
                                          mixing=1.0), ref["logits"], atol=1e-2)
 
 
-@pytest.mark.parametrize("checkpoint", ["hf:{}/vit_hf", "{}/vit_npz/model.npz"])
+@pytest.mark.parametrize("checkpoint", ["hf:{}/vit_hf", "{}/vit_npz/model.npz",
+                                        "{}/vit_npz_map/model.npz"])
 def test_export_in_the_sources_layout_then_import_gives_identical_params(tmp_path,
                                                                          checkpoint):
   config, source, _, params = _imported(checkpoint.format(FIXTURES))
@@ -62,7 +66,8 @@ def test_export_in_the_sources_layout_then_import_gives_identical_params(tmp_pat
   if source.format == "npz":
     with np.load(path) as npz:
       assert json.loads(str(npz["sparse_jax"])) == record
-      assert npz["Transformer/encoderblock_1/MlpBlock_3/zeroth_bias"].shape == (5, 16)
+      tokens = 4 if "map" in checkpoint else 5  # 4 patches (+ the class token).
+      assert npz["Transformer/encoderblock_1/MlpBlock_3/zeroth_bias"].shape == (tokens, 16)
   else:
     hf = json.loads(open(os.path.join(path, "config.json")).read())
     assert hf["sparse_jax"] == record and hf["hidden_act"] == "jsrelu"
@@ -104,11 +109,11 @@ def test_what_does_not_fit_is_named(tmp_path):
     finetune.configured(t5)
   with np.load(os.path.join(FIXTURES, "vit_npz", "model.npz")) as npz:
     arrays = {k: npz[k] for k in npz.files}
-  arrays["MAPHead_0/probe"] = np.zeros((1, 1, 16), np.float32)
-  np.savez(tmp_path / "map.npz", **arrays)
-  with pytest.raises(ConfigError, match=r"its tensor MAPHead_0/probe is not part of a ViT "
-                     r"sparse_jax reads \(MAP heads are not supported yet\)"):
-    finetune.configured(_config(f"npz:{tmp_path}/map.npz"))
+  arrays["Transformer/encoderblock_0/Adapter_0/kernel"] = np.zeros((16, 4), np.float32)
+  np.savez(tmp_path / "adapter.npz", **arrays)
+  with pytest.raises(ConfigError, match=r"its tensor Transformer/encoderblock_0/Adapter_0/"
+                     r"kernel is not part of a ViT sparse_jax reads.\nFix: "):
+    finetune.configured(_config(f"npz:{tmp_path}/adapter.npz"))
   assert npz_vit.npz_name(("block_3", "mlp", "wi", "kernel")) == (
       "Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel")
   assert npz_vit.our_path("Transformer/encoderblock_3/MlpBlock_0/Dense_1/bias") == (

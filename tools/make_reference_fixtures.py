@@ -25,6 +25,10 @@ Layouts:
   vit_npz       vision_transformer's .npz layout (class token, tanh GELU, eps 1e-6): the
                 weights of a HF ViT of that activation and epsilon, renamed here into
                 vision_transformer's checkpoint names, with that HF model's logits
+  vit_npz_map   big_vision's .npz layout with a MAP head (no class token): the weights of
+                transformers' SigLIP vision tower (big_vision's MAP ViT) renamed into
+                big_vision's names, plus a random classification head; the reference is
+                SigLIP's pooled output through that head
 The models are random (seeded) and tiny: the point is that every tensor lands in the
 right place and every op matches, not what the model says.
 """
@@ -252,11 +256,74 @@ def _vit(seed: int) -> None:
     print(f"{directory}: logits {logits.round(3).tolist()}")
 
 
+def _big_vision_map(seed: int) -> None:
+  config = transformers.SiglipVisionConfig(
+      image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+      num_attention_heads=2, intermediate_size=32, hidden_act="gelu_pytorch_tanh",
+      layer_norm_eps=1e-6, attention_dropout=0.0)
+  model = _randomised(transformers.SiglipVisionModel(config), seed)
+  t = {k[len("vision_model."):]: v.numpy().astype(np.float32)
+       for k, v in model.state_dict().items()}
+  rng = np.random.default_rng(seed)
+  head_kernel = rng.normal(size=(16, 5)).astype(np.float32)
+  head_bias = rng.normal(size=5).astype(np.float32)
+  d, heads = 16, 2
+  out = {"embedding/kernel": t["embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": t["embeddings.patch_embedding.bias"],
+         "pos_embedding": t["embeddings.position_embedding.weight"][None],
+         "Transformer/encoder_norm/scale": t["post_layernorm.weight"],
+         "Transformer/encoder_norm/bias": t["post_layernorm.bias"],
+         "head/kernel": head_kernel, "head/bias": head_bias}
+
+  def attention(prefix, q, k, v, o):
+    for name, (w, b) in (("query", q), ("key", k), ("value", v)):
+      out[f"{prefix}/{name}/kernel"] = w.T.reshape(d, heads, -1)
+      out[f"{prefix}/{name}/bias"] = b.reshape(heads, -1)
+    out[f"{prefix}/out/kernel"] = o[0].T.reshape(heads, -1, d)
+    out[f"{prefix}/out/bias"] = o[1]
+
+  def dense(prefix, hf):
+    out[prefix + "/kernel"], out[prefix + "/bias"] = t[hf + ".weight"].T, t[hf + ".bias"]
+
+  def norm(prefix, hf):
+    out[prefix + "/scale"], out[prefix + "/bias"] = t[hf + ".weight"], t[hf + ".bias"]
+
+  for i in range(2):
+    hf, bv = f"encoder.layers.{i}.", f"Transformer/encoderblock_{i}/"
+    norm(bv + "LayerNorm_0", hf + "layer_norm1")
+    norm(bv + "LayerNorm_1", hf + "layer_norm2")
+    attention(bv + "MultiHeadDotProductAttention_0",
+              *[(t[hf + f"self_attn.{n}_proj.weight"], t[hf + f"self_attn.{n}_proj.bias"])
+                for n in ("q", "k", "v", "out")])
+    dense(bv + "MlpBlock_0/Dense_0", hf + "mlp.fc1")
+    dense(bv + "MlpBlock_0/Dense_1", hf + "mlp.fc2")
+  w, b = t["head.attention.in_proj_weight"], t["head.attention.in_proj_bias"]
+  attention("MAPHead_0/MultiHeadDotProductAttention_0",
+            *[(w[j * d:(j + 1) * d], b[j * d:(j + 1) * d]) for j in range(3)],
+            (t["head.attention.out_proj.weight"], t["head.attention.out_proj.bias"]))
+  out["MAPHead_0/probe"] = t["head.probe"]
+  norm("MAPHead_0/LayerNorm_0", "head.layernorm")
+  dense("MAPHead_0/MlpBlock_0/Dense_0", "head.mlp.fc1")
+  dense("MAPHead_0/MlpBlock_0/Dense_1", "head.mlp.fc2")
+  directory = os.path.join(OUT, "vit_npz_map")
+  os.makedirs(directory, exist_ok=True)
+  np.savez(os.path.join(directory, "model.npz"), **out)
+  images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  with torch.no_grad():
+    pixels = torch.tensor(images.transpose(0, 3, 1, 2), dtype=torch.float64)
+    pooled = copy.deepcopy(model).double()(pixel_values=pixels).pooler_output.numpy()
+  logits = pooled @ head_kernel.astype(np.float64) + head_bias
+  np.savez_compressed(os.path.join(directory, "reference.npz"), images=images,
+                      logits=logits.astype(np.float32))
+  print(f"{directory}: logits {logits.round(3).tolist()}")
+
+
 def main() -> None:
   spiece = _spm_model()
   _t5("t5_v1_0", gated=False, spiece=spiece, seed=0, keep_spiece=True)
   _t5("t5_v1_1", gated=True, spiece=spiece, seed=1, keep_spiece=False)
   _vit(seed=2)
+  _big_vision_map(seed=3)
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   versions = {"python": sys.version.split()[0], "torch": torch.__version__,
               "tensorflow": tf.__version__,

@@ -64,6 +64,30 @@ class EncoderBlock(nn.Module):
                          name="mlp")(h, deterministic=deterministic, mixing=mixing)
 
 
+class MapHead(nn.Module):
+  """Multi-head attention pooling (big_vision's MAPHead, SigLIP's pooling head): a
+  learned probe attends over the tokens, then x + MLP(LayerNorm(x)); returns [B, d].
+  Its MLP is the head's, not a Transformer block: GELU (tanh), never sparsified."""
+  num_heads: int
+  mlp_dim: int
+  norm_epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    probe = self.param("probe", nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, d), jnp.float32)
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, d))
+    x = MultiHeadAttention(self.num_heads, d // self.num_heads, dtype=self.dtype,
+                           name="attention")(probe, kv=x)
+    y = layer_norm("norm", dtype=self.dtype, epsilon=self.norm_epsilon)(x)
+    y = NoisyDense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="wi")(y)
+    y = NoisyDense(d, ("mlp", "embed"), dtype=self.dtype,
+                   name="wo")(jax.nn.gelu(y, approximate=True))
+    return (x + y)[:, 0]
+
+
 class VisionTransformer(nn.Module):
   """ViT classifier; `__call__(images [B, H, W, C], train=...) -> logits [B, classes]`."""
   num_classes: int
@@ -82,7 +106,8 @@ class VisionTransformer(nn.Module):
   attention_init: str = "xavier"  # 'xavier' | 'torch' (the official model's; see
                                   # `attention_inits`).
   # 'token': the head reads a learned class token (`cls`); 'gap': the mean of the patch
-  # tokens (big_vision's pool_type='gap', no class token).
+  # tokens (big_vision's pool_type='gap', no class token); 'map': attention pooling of
+  # the patch tokens (`MapHead`, big_vision's pool_type='map', no class token).
   classifier: str = "token"
   norm_epsilon: float = 1e-6  # big_vision / vision_transformer 1e-6; HF ViT 1e-12.
   # > 0: a tanh dense layer `pre_logits` of this width before the head (the ImageNet-21k
@@ -126,7 +151,11 @@ class VisionTransformer(nn.Module):
                        self.attention_init, self.norm_epsilon, name=f"block_{i}")(
                            x, deterministic=not train, mixing=mixing)
     x = layer_norm("encoder_norm", dtype=self.dtype, epsilon=self.norm_epsilon)(x)
-    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.classifier == "map":
+      x = MapHead(self.num_heads, self.mlp_dim, self.norm_epsilon, self.dtype,
+                  name="map_head")(x)
+    else:
+      x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size:
       x = jnp.tanh(NoisyDense(self.representation_size, ("embed", "mlp"),
                               name="pre_logits")(x))

@@ -16,7 +16,8 @@ and LayerNorm epsilon 1e-6.
 The export writes vision_transformer's names, each MLP block's zeroth bias as
 `.../MlpBlock_3/zeroth_bias` [tokens, d], and a JSON string `sparse_jax` with the
 activation and the zeroth bias position (the file has no other config).
-MAP heads (big_vision's `MAPHead_0`) are not supported yet.
+big_vision's MAP head (`MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0,
+MlpBlock_0}`) is `models.vit.MapHead`.
 """
 import functools
 import json
@@ -50,6 +51,12 @@ _TOP = {"embedding/kernel": ("embedding_kernel",), "embedding/bias": ("embedding
         "pre_logits/kernel": ("pre_logits", "kernel"),
         "pre_logits/bias": ("pre_logits", "bias"),
         "head/kernel": ("head", "kernel"), "head/bias": ("head", "bias")}
+# big_vision's MAP head (pool_type='map') -> ours (models.vit.MapHead).
+_MAP = {"MAPHead_0/MultiHeadDotProductAttention_0": ("map_head", "attention"),
+        "MAPHead_0/LayerNorm_0": ("map_head", "norm"),
+        "MAPHead_0/MlpBlock_0/Dense_0": ("map_head", "wi"),
+        "MAPHead_0/MlpBlock_0/Dense_1": ("map_head", "wo"),
+        "MAPHead_0": ("map_head",)}
 RECORD = "sparse_jax"
 _FIX = ("Fix: pass --config.finetune.checkpoint=npz:<a ViT .npz of big_vision or "
         "vision_transformer, e.g. ViT-B_16.npz>.")
@@ -59,6 +66,9 @@ def our_path(name: str) -> base.Path | None:
   """Our param path of an .npz name (either naming), or None if it is not ours."""
   if name in _TOP:
     return _TOP[name]
+  for prefix, ours in _MAP.items():  # Longest prefixes first (dict order).
+    if name.startswith(prefix + "/"):
+      return (*ours, *name[len(prefix) + 1:].split("/"))
   match = _BLOCK.match(name)
   if not match:
     return None
@@ -75,6 +85,9 @@ def npz_name(path: base.Path) -> str:
   for name, ours in _TOP.items():
     if ours == path:
       return name
+  for prefix, ours in _MAP.items():
+    if path[:len(ours)] == ours:
+      return "/".join([prefix, *path[len(ours):]])
   block, *rest = path
   i = int(block[len("block_"):])
   for (vt, _), ours in sorted(_IN_BLOCK.items(), key=lambda kv: -len(kv[1])):
@@ -99,8 +112,7 @@ def _load(location: str) -> tuple[dict[base.Path, np.ndarray], dict[str, Any]]:
     path = our_path(name)
     if path is None:
       raise ConfigError(f"The checkpoint npz:{location} does not fit this model: its "
-                        f"tensor {name} is not part of a ViT sparse_jax reads (MAP heads "
-                        f"are not supported yet).\n{_FIX}")
+                        f"tensor {name} is not part of a ViT sparse_jax reads.\n{_FIX}")
     tensors[path] = value
   return tensors, record
 

@@ -57,7 +57,8 @@ class ViTSource(base.Source):
         "model.num_layers": layers,
         "model.num_heads": int(t[("block_0", "attention", "query", "kernel")].shape[1]),
         "model.mlp_dim": int(t[("block_0", "mlp", "wi", "kernel")].shape[1]),
-        "model.classifier": "token" if token else "gap",
+        "model.classifier": ("token" if token else
+                             "map" if ("map_head", "probe") in t else "gap"),
         "model.norm_epsilon": float(self.norm_epsilon()),
         "model.representation_size": int(
             t[("pre_logits", "kernel")].shape[1] if ("pre_logits", "kernel") in t else 0),
