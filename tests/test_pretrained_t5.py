@@ -145,6 +145,12 @@ def test_a_tensor_that_does_not_fit_is_named_before_compiling(tmp_path):
   with pytest.raises(ConfigError, match="is a T5 checkpoint, but the config's model is "
                      "'vit'"):
     finetune.configured(_vit_finetune(f"hf:{FIXTURES}/t5_v1_0"))
+  short = _config(f"hf:{FIXTURES}/t5_v1_0")
+  short.num_steps, short.sparsity.activation_mixing_steps = 10, 20
+  with pytest.raises(ConfigError, match=r"num_steps=10 ends before the activation is all "
+                     r"J-SquaredReLU(.|\n)*\nFix: pass "
+                     r"--config.sparsity.activation_mixing_steps=10"):
+    finetune.configured(short)
   with pytest.raises(ConfigError, match=r"unknown format 'hff'(.|\n)*Fix: prefix"):
     pretrained.resolve("hff:/x")
   with pytest.raises(ConfigError, match=r"has no config.json"):

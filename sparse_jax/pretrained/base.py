@@ -74,6 +74,20 @@ def with_mixing_source(config: ml_collections.ConfigDict,
   return with_updates(config, {"sparsity.mixing_source": activation})
 
 
+def check_mixing_completes(config: ml_collections.ConfigDict) -> None:
+  """ConfigError if a run ends before its 'mixed' activation is all J-SquaredReLU: a
+  public format's export names one activation, and a partial mix has none. Checked when
+  the source is configured, not when the run ends."""
+  s = config.sparsity
+  if s.activation == "mixed" and config.num_steps < s.activation_mixing_steps:
+    raise ConfigError(
+        f"num_steps={config.num_steps} ends before the activation is all J-SquaredReLU "
+        f"(sparsity.activation_mixing_steps={s.activation_mixing_steps}), so the export "
+        f"in the source's format could not name it.\nFix: pass "
+        f"--config.sparsity.activation_mixing_steps={config.num_steps} (or fewer), or "
+        "more --config.num_steps.")
+
+
 def with_updates(config: ml_collections.ConfigDict, updates: dict[str, Any]
                  ) -> ml_collections.ConfigDict:
   """A copy of `config` with {'model.d_model': 768, ...} set (keys must exist)."""

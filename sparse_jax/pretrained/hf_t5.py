@@ -282,6 +282,7 @@ class HfT5Source(base.Source):
       raise ConfigError(f"finetune.checkpoint=hf:{self.location} is a T5 checkpoint, "
                         f"but the config's model is {config.model.name!r}.\nFix: "
                         "finetune it with configs/t5_c4.py (e.g. :base,finetune).")
+    base.check_mixing_completes(config)
     updates = model_updates(self.hf_config(), config)
     vocab = self.vocabulary_path()
     if vocab:

@@ -75,6 +75,7 @@ class ViTSource(base.Source):
       raise ConfigError(f"finetune.checkpoint={self.describe()} is a ViT checkpoint, "
                         f"but the config's model is {config.model.name!r}.\nFix: "
                         "finetune it with configs/vit_imagenet.py:finetune.")
+    base.check_mixing_completes(config)
     keys = self.shape_config()
     image_size = keys.pop("image_size")
     if config.image_size != image_size:
