@@ -17,6 +17,7 @@ import pytest
 from flax import traverse_util
 
 import sparse_jax
+from sparsify_cases import outputs_against_the_original, random_pretrained
 from sparse_jax import metrics
 from sparse_jax.transforms.sparsify_params import param_shapes
 
@@ -133,38 +134,17 @@ def _data(seed=0):
   return tokens, np.roll(tokens, -1, axis=1)
 
 
-def _pretrained(model, tokens):
-  """Random pretrained params (biases too, so a wrong bias would show)."""
-  rng = np.random.default_rng(1)
-  shapes = _flat(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
-  return traverse_util.unflatten_dict({
-      p: (rng.normal(0, 0.5, s.shape) + (p[-1] == "scale")).astype(np.float32)
-      for p, s in shapes.items()})
-
-
 @pytest.mark.parametrize("activations,use_bias", [(PLAIN, True), (GATED, False)],
                          ids=["plain", "gated"])
 def test_relu_on_its_own_dense_class_gives_the_same_outputs(activations, use_bias):
   model, (tokens, _) = Decoder(activations, use_bias), _data()
-  pretrained = _pretrained(model, tokens)
+  pretrained = random_pretrained(model, tokens)
   relu = sparse_jax.sparsify(model, activation="relu")  # MlpBlock: the default rule.
   jsrelu = sparse_jax.sparsify(model)
   params = sparse_jax.merge_pretrained(relu, pretrained, tokens)
   assert _flat(params).keys() - _flat(pretrained).keys() == {
       (f"layers_{i}", "mlp", "zeroth_bias") for i in range(2)}
-  rng = {"dropout": jax.random.key(3, impl="rbg")}
-
-  @_jit
-  def run(params, pretrained):
-    v = {"params": params}
-    _, state = relu.apply(v, tokens, mutable=["intermediates"])
-    return {"original": model.apply({"params": pretrained}, tokens),
-            "relu": relu.apply(v, tokens), "jsrelu": jsrelu.apply(v, tokens),
-            "original_train": model.apply({"params": pretrained}, tokens, True, rngs=rng),
-            "relu_train": relu.apply(v, tokens, True, rngs=rng),
-            "intermediates": state["intermediates"]}
-
-  out = run(params, pretrained)
+  out = outputs_against_the_original(model, pretrained, tokens, relu, jsrelu, params)
   np.testing.assert_array_equal(out["relu"], out["original"])
   np.testing.assert_array_equal(out["relu_train"], out["original_train"])
   assert not np.allclose(out["original_train"], out["original"], atol=1e-3)  # Dropout on.
@@ -182,7 +162,7 @@ def test_relu_on_its_own_dense_class_gives_the_same_outputs(activations, use_bia
 def test_its_own_dense_class_trains_with_projections_metrics_and_decodes(activations):
   model, (tokens, targets) = Decoder(activations), _data()
   sparse = sparse_jax.sparsify(model, weight_noise=0.05)
-  params = sparse_jax.merge_pretrained(sparse, _pretrained(model, tokens), tokens)
+  params = sparse_jax.merge_pretrained(sparse, random_pretrained(model, tokens), tokens)
   shapes = jax.eval_shape(sparse.init, jax.random.key(0), tokens)
   probes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["perturbations"])
   tx = sparse_jax.optax_projections(optax.adam(3e-2), zeroth_bias_clipping=0.05)

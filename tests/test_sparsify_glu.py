@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 import sparse_jax
+from sparsify_cases import outputs_against_the_original, random_pretrained
 from sparse_jax import metrics
 from sparse_jax.metrics import STACK_MARKER
 
@@ -110,18 +111,10 @@ def _tokens():
   return tokens, (tokens[:, 0] > VOCAB // 2).astype(np.int32)
 
 
-def _pretrained(model, tokens):
-  rng = np.random.default_rng(1)
-  shapes = _flat(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
-  return traverse_util.unflatten_dict({
-      p: (rng.normal(0, 0.5, s.shape) + (p[-1] == "scale")).astype(np.float32)
-      for p, s in shapes.items()})
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_relu_on_a_relu_glu_gives_the_same_outputs(name):
   model, (tokens, _) = MODELS[name], _tokens()
-  pretrained = _pretrained(model, tokens)
+  pretrained = random_pretrained(model, tokens)
   relu = sparse_jax.sparsify(model, activation="relu", match=GLU_TYPES)
   jsrelu = sparse_jax.sparsify(model, match=GLU_TYPES)
   # The first Dense called taken as the gate: right for all but the up-first block.
@@ -129,20 +122,8 @@ def test_relu_on_a_relu_glu_gives_the_same_outputs(name):
   params = sparse_jax.merge_pretrained(relu, pretrained, tokens)
   assert _flat(params).keys() - _flat(pretrained).keys() == {
       (f"layer_{i}", "mlp", "zeroth_bias") for i in range(2)}
-  rng = {"dropout": jax.random.key(3, impl="rbg")}
-
-  @_jit
-  def run(params, pretrained):
-    v = {"params": params}
-    _, state = relu.apply(v, tokens, mutable=["intermediates"])
-    return {"original": model.apply({"params": pretrained}, tokens),
-            "relu": relu.apply(v, tokens), "jsrelu": jsrelu.apply(v, tokens),
-            "first_gate": first_gate.apply(v, tokens),
-            "original_train": model.apply({"params": pretrained}, tokens, True, rngs=rng),
-            "relu_train": relu.apply(v, tokens, True, rngs=rng),
-            "intermediates": state["intermediates"]}
-
-  out = run(params, pretrained)
+  out = outputs_against_the_original(model, pretrained, tokens, relu, jsrelu, params,
+                                     first_gate=first_gate)
   # The gate found (by name, whatever the call order), its activation replaced by ReLU:
   # the ReLU-gated model exactly, with its dropout on the product in training too.
   np.testing.assert_array_equal(out["relu"], out["original"])
@@ -220,7 +201,7 @@ def test_glu_trains_with_the_projections_holding():
 
 def test_weight_noise_reaches_the_gated_projections():
   model, (tokens, _) = GluLM(), _tokens()
-  pretrained = _pretrained(model, tokens)
+  pretrained = random_pretrained(model, tokens)
   sparse = {rho: sparse_jax.sparsify(model, weight_noise=rho, match=SwiGLU)
             for rho in ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2))}
   params = sparse_jax.merge_pretrained(sparse[(0.0, 0.0)], pretrained, tokens)

@@ -127,6 +127,14 @@ def _randomize(model, seed=1):
       lambda v: jnp.asarray(rng.normal(0, 0.5, v.shape) + 0.5, v.dtype), state))
 
 
+def _sparsified_with_params_of(source, model, **sparsify_kwargs):
+  """`sparsify(model, ...)` holding `source`'s params, in eval mode (dropout off)."""
+  sparse = sparse_jax.sparsify(model, **sparsify_kwargs)
+  nnx.update(sparse, nnx.state(source, nnx.Param))
+  sparse.eval()
+  return sparse
+
+
 @pytest.mark.parametrize("mlp", [Mlp, FeedForward], ids=["relu", "gated"])
 def test_original_weights_give_the_same_outputs_with_relu(mlp):
   tokens, _ = _data()
@@ -243,10 +251,8 @@ def test_scanned_stack(stack):
   _randomize(model)
   model.eval()
   expected = model(tokens)
-  relu = sparse_jax.sparsify(stack(rngs=nnx.Rngs(3)), activation="relu",
-                             max_len=LEN)
-  nnx.update(relu, nnx.state(model, nnx.Param))
-  relu.eval()
+  relu = _sparsified_with_params_of(model, stack(rngs=nnx.Rngs(3)), activation="relu",
+                                    max_len=LEN)
   # One stacked table [layers, max_len, d], sliced per layer by the scan.
   assert relu.layers.mlp.zeroth_bias.shape == (3, LEN, D)
   np.testing.assert_array_equal(relu(tokens), expected)
@@ -292,13 +298,9 @@ def test_mixing_and_errors():
   _randomize(original)
   original.eval()
   expected = original(tokens)
-  mixed = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), activation="mixed",
-                              max_len=LEN)
-  nnx.update(mixed, nnx.state(original, nnx.Param))
-  mixed.eval()
-  jsrelu = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN)
-  nnx.update(jsrelu, nnx.state(original, nnx.Param))
-  jsrelu.eval()
+  mixed = _sparsified_with_params_of(original, Transformer(rngs=nnx.Rngs(0)),
+                                     activation="mixed", max_len=LEN)
+  jsrelu = _sparsified_with_params_of(original, Transformer(rngs=nnx.Rngs(0)), max_len=LEN)
   # k = 0: ReLU, the original model; k = 1: J-SquaredReLU. Set inside jit too.
   run = nnx.jit(lambda m, k: (sparse_jax.set_mixing(m, k), m(tokens))[1])
   np.testing.assert_allclose(run(mixed, 0.0), expected, rtol=1e-5, atol=1e-5)
@@ -306,9 +308,8 @@ def test_mixing_and_errors():
   assert not np.allclose(jsrelu(tokens), expected, atol=1e-3)
   assert float(mixed.layers[0].mlp.mixing[...]) == 1.0  # A state of the model.
   # observe=False: the method without the hooks; nnx.capture collects nothing.
-  quiet = sparse_jax.sparsify(Transformer(rngs=nnx.Rngs(0)), max_len=LEN, observe=False)
-  nnx.update(quiet, nnx.state(jsrelu, nnx.Param))
-  quiet.eval()
+  quiet = _sparsified_with_params_of(jsrelu, Transformer(rngs=nnx.Rngs(0)), max_len=LEN,
+                                     observe=False)
   out, sown = nnx.capture(quiet, nnx.Intermediate)(tokens)
   assert not sown
   np.testing.assert_array_equal(out, jsrelu(tokens))
