@@ -192,6 +192,35 @@ def test_tiny_programs_compile_with_mosaic_kernels(model):
   assert f"{plain.total_bytes / 2**30:.3f}" in row.split()
 
 
+
+@pytest.mark.parametrize("model", ["t5_gated", "vit_map"])
+def test_public_checkpoint_architectures_compile_for_tpu(model):
+  """The model options public checkpoints bring (issue 25): T5 v1.1's gated GELU MLP
+  without the output rescale (XLA MLP: the kernels are for plain MLPs), and a ViT with
+  a MAP head, compiled with a tensor axis for v5e."""
+  if model == "t5_gated":
+    config = configs.t5_c4.get_config("tiny")
+    config.model.gated_mlp = True
+    config.model.output_rescale = False
+    config.sparsity.activation = "gelu_tanh"
+  else:
+    config = configs.default.get_config()
+    config.model.classifier = "map"
+  config.mesh_shape = (2, 1, 2)
+  topology = tpu.parse_topology("v5e:2x2")
+  report = target_compile.compile_for(config, topology, programs=("train_step", "eval_step"))
+  assert report.fits and report.mesh_shape == (2, 1, 2)
+  params = target_compile.train.build_experiment(
+      config, target_compile.target_mesh(config, topology)).state_shapes.params
+  names = {"/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  if model == "t5_gated":  # The compiled program holds the gate's second kernel.
+    assert any("wi_linear" in n for n in names), sorted(names)
+  else:
+    assert any("map_head" in n and "probe" in n for n in names), sorted(names)
+  train = report.program("train_step")
+  assert train.argument_bytes > 0 and train.mosaic_calls == 0
+  assert any(c.kind == "all-reduce" for c in train.collectives)
+
 CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
                       if f.endswith(".py"))
 # The small configs (and variants) whose train step CI compiles on every generation's
