@@ -72,7 +72,11 @@ main+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
 # On each worker (the remote shell expands the \$ parts): refuse to start a second
 # run next to a live one, then start the run in its own session (setsid; nohup as well)
 # so that the end of the ssh session does not stop it, and record its pid (which is
-# also its process group) for launch/stop.sh.
+# also its process group) for launch/stop.sh. A bash around the run appends its exit
+# code to the log (75: another process of the run stopped; 1: this one's own error);
+# its TERM trap only makes it wait for the run, which handles the signal itself.
+started_run="trap : TERM; $(quote_all "${main[@]}"); rc=\$?; \
+echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) exit \$rc on \$(hostname)\"; exit \$rc"
 log=$(quote "$LOG_FILE")
 pid=$(quote "$(pid_file)")
 log_dir=.
@@ -82,7 +86,7 @@ if $(remote_run_is_live "$pid"); then \
 echo \"\$(hostname): a run is still going (pid \$(cat $pid)); stop it with launch/stop.sh\" >&2; \
 exit 1; fi; \
 echo \"=== \$(date -u '+%Y-%m-%dT%H:%M:%SZ') start on \$(hostname)\" >> $log; \
-( cd $REMOTE_DIR && export PYTHONUNBUFFERED=1 && exec nohup setsid $(quote_all "${main[@]}") ) \
+( cd $REMOTE_DIR && export PYTHONUNBUFFERED=1 && exec nohup setsid bash -c $(quote "$started_run") ) \
 >> $log 2>&1 < /dev/null & \
 echo \$! > $pid; echo \"\$(hostname): started pid \$!, log:\" $log"
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${SCOPE[@]}" --worker=all "--command=$remote"

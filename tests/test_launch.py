@@ -3,6 +3,7 @@ right gcloud commands (and never runs gcloud), bad arguments stop them with exit
 fix, and the command they start on the workers really detaches, logs and stops."""
 import glob
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -89,10 +90,15 @@ def remote_command(argv):
 
 
 def main_argv(remote):
-  """What the remote training command runs: the words after `setsid` up to `)`."""
+  """What the remote training command runs: the `bash -c` script after `setsid`, whose
+  first command is the trap and second the run (the rest records its exit code)."""
   words = shlex.split(remote)
   start = words.index("setsid") + 1
-  return words[start:words.index(")", start)]
+  assert words[start:start + 2] == ["bash", "-c"], words[start:]
+  script = words[start + 2]
+  trap, run, *_ = script.split("; ")
+  assert trap == "trap : TERM" and script.endswith("exit $rc"), script
+  return shlex.split(run)
 
 
 def only_command(commands):
@@ -257,8 +263,7 @@ def test_train_runs_the_same_command_on_all_workers_in_the_background(launch):
       "--compilation_cache_dir="]
   words = shlex.split(remote)
   end = words.index(")")
-  assert words[end - len(main_argv(remote)) - 2:end - len(main_argv(remote))] == [
-      "nohup", "setsid"]
+  assert words[end - 5:end - 1] == ["nohup", "setsid", "bash", "-c"]
   assert words[end + 1:end + 7] == [">>", REMOTE_LOG, "2>&1", "<", "/dev/null", "&"]
 
 
@@ -351,6 +356,10 @@ def test_remote_commands_detach_log_refuse_a_second_run_and_stop(launch, tmp_pat
     stopped = remote(stop)
     assert stopped.returncode == 0 and "stopped pid" in stopped.stdout
     assert _wait_for(lambda: not _alive(pid) and not _alive(child)), "stop left it running"
+    # The run's exit code ends the log (143: the fake run dies of stop.sh's SIGTERM).
+    assert _wait_for(lambda: re.search(r"\n=== \S+ exit 143 on \S+\n$",
+                                       (home / REMOTE_LOG).read_text())), (
+        (home / REMOTE_LOG).read_text())
     assert "no run going" in remote(stop).stdout
   finally:  # Whatever failed, end the process group this test started.
     if pid is not None:
