@@ -199,9 +199,7 @@ def test_disk_that_fills_stops_the_run_and_a_rerun_resumes(tmp_path, data_dir, c
       mount -o remount,size=20m {mount}
       {_step(out, "second", args)}
       """)
-  if proc.returncode == 90:
-    pytest.skip("tmpfs mount failed: " + proc.stderr)
-  assert proc.returncode == 0, proc.stderr
+  _skip_unless_the_script_ran(proc)
   first = (out / "first.err").read_text()
   assert (out / "first.rc").read_text().strip() == "1", first[-3000:]
   _check_write_error(first, "failed: no space left on device (",
@@ -232,6 +230,25 @@ def _results(out, name):
   return int((out / f"{name}.rc").read_text()), (out / f"{name}.err").read_text()
 
 
+def _write_error_of(out, name, *phrases: str) -> str:
+  """The stderr of the script's run `name`, checked to have failed (exit 1) with the
+  one write-error message holding `phrases`."""
+  rc, err = _results(out, name)
+  assert rc == 1, err[-3000:]
+  _check_write_error(err, *phrases)
+  return err
+
+
+def _skip_unless_the_script_ran(proc) -> None:
+  """Skip where the private mount could not be made; else the script itself ran."""
+  if proc.returncode == 90:
+    pytest.skip("tmpfs mount failed: " + proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+
+
+# Slow (about 60 s): each writer in turn; CI keeps the full disk of a whole run
+# (test_disk_that_fills_stops_the_run_and_a_rerun_resumes) and of the study and report.
+@pytest.mark.slow
 @needs_mount
 def test_each_writer_on_a_full_disk(tmp_path, data_dir, cache_dir):
   """config.json, metrics.jsonl, summary.json and the TensorBoard events each meet a
@@ -268,30 +285,20 @@ def test_each_writer_on_a_full_disk(tmp_path, data_dir, cache_dir):
       ln -s {tmp_path}/elsewhere/metrics.jsonl {events}/run/metrics.jsonl
       {step("events", events_args)}
       """)
-  if proc.returncode == 90:
-    pytest.skip("tmpfs mount failed: " + proc.stderr)
-  assert proc.returncode == 0, proc.stderr
+  _skip_unless_the_script_ran(proc)
 
-  rc, err = _results(out, "config")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {tmp_path}/run_config/config.json failed: no space "
-                     "left on device", "rerunning the same command starts from step 0")
-  rc, err = _results(out, "metrics")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {run}/metrics.jsonl failed: no space left on device",
-                     "no checkpoint was complete yet, so rerunning the same command "
-                     "starts from step 0", "a checkpoint of this run needs about ")
-  rc, err = _results(out, "summary")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {run}/summary.json failed: no space left on device",
-                     "resumes from the last complete checkpoint, step 20")
+  full = "failed: no space left on device"
+  _write_error_of(out, "config", f"Writing {tmp_path}/run_config/config.json {full}",
+                  "rerunning the same command starts from step 0")
+  _write_error_of(out, "metrics", f"Writing {run}/metrics.jsonl {full}",
+                  "no checkpoint was complete yet, so rerunning the same command "
+                  "starts from step 0", "a checkpoint of this run needs about ")
+  _write_error_of(out, "summary", f"Writing {run}/summary.json {full}",
+                  "resumes from the last complete checkpoint, step 20")
   rc, err = _results(out, "summary_rerun")
   assert rc == 0 and "Done: eval accuracy" in err, err[-3000:]
   assert json.loads((run / "summary.json").read_text())["step"] == 20
-  rc, err = _results(out, "events")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {events}/run/events.out.tfevents.",
-                     "failed: no space left on device")
+  _write_error_of(out, "events", f"Writing {events}/run/events.out.tfevents.", full)
 
 
 @needs_mount
@@ -323,23 +330,17 @@ def test_workdir_made_read_only_or_removed_mid_run(tmp_path, data_dir, cache_dir
       rm -rf {gone}
       rc=0; wait $PID || rc=$?; echo $rc > {out}/gone.rc
       """)
-  if proc.returncode == 90:
-    pytest.skip("tmpfs mount failed: " + proc.stderr)
-  assert proc.returncode == 0, proc.stderr
-  rc, err = _results(out, "ro")
-  assert rc == 1, err[-3000:]
+  _skip_unless_the_script_ran(proc)
   # Whichever write comes first: metrics.jsonl, or a checkpoint (named by its step).
-  _check_write_error(err, f"{work}/", "failed: read-only file system",
-                     "resumes from the last complete checkpoint, step ",
-                     f"Fix: make {work} writable again")
+  err = _write_error_of(out, "ro", f"{work}/", "failed: read-only file system",
+                        "resumes from the last complete checkpoint, step ",
+                        f"Fix: make {work} writable again")
   resumed = err.split("checkpoint, step ")[1].split(";")[0]
   rc, err = _results(out, "rerun")
   assert rc == 0, err[-3000:]
   assert f"Resuming from checkpoint at step {resumed}" in err and "Done" in err
-  rc, err = _results(out, "gone")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"{gone}/", "failed: the workdir is gone",
-                     f"{gone} no longer exists", "Fix: put the workdir back")
+  _write_error_of(out, "gone", f"{gone}/", "failed: the workdir is gone",
+                  f"{gone} no longer exists", "Fix: put the workdir back")
 
 
 # ----------------------------------------------------------------------------- 4. reports
@@ -439,17 +440,11 @@ def test_study_and_report_on_a_full_disk(tmp_path):
       rc=0; {report} > {out}/report.out 2> {out}/report.err || rc=$?
       echo $rc > {out}/report.rc
       """)
-  if proc.returncode == 90:
-    pytest.skip("tmpfs mount failed: " + proc.stderr)
-  assert proc.returncode == 0, proc.stderr
-  rc, err = _results(out, "study")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {mount}/study/study.json failed: no space left on "
-                     "device; no run was started", "Fix: free space on the disk")
-  rc, err = _results(out, "report")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"Writing {mount}/report", "failed: no space left on device; "
-                     "the runs are untouched")
+  _skip_unless_the_script_ran(proc)
+  _write_error_of(out, "study", f"Writing {mount}/study/study.json failed: no space left "
+                  "on device; no run was started", "Fix: free space on the disk")
+  _write_error_of(out, "report", f"Writing {mount}/report",
+                  "failed: no space left on device; the runs are untouched")
   assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
 
 
@@ -476,9 +471,7 @@ def test_data_dir_on_a_full_disk(tmp_path):
                    f"--config.data_dir={mount}/tfds", "--config.num_steps=10",
                    "--config.optimizer.warmup_steps=2"])
   proc = _in_private_tmpfs(tmp_path, mount, "64k", _step(out, "prepare", args))
-  if proc.returncode == 90:
-    pytest.skip("tmpfs mount failed: " + proc.stderr)
-  assert proc.returncode == 0, proc.stderr
+  _skip_unless_the_script_ran(proc)
   rc, err = _results(out, "prepare")
   assert rc == 1, err[-3000:]
   assert "Traceback" not in err, err[-3000:]
@@ -490,6 +483,9 @@ def test_data_dir_on_a_full_disk(tmp_path):
   assert not workdir.exists()
 
 
+# Slow (about 40 s): a study's run on a full disk; CI keeps a single run's
+# (test_disk_that_fills_stops_the_run_and_a_rerun_resumes) and the study's own writes.
+@pytest.mark.slow
 @needs_mount
 def test_study_on_a_disk_that_fills_stops_and_resumes(tmp_path, data_dir, cache_dir):
   """A study's run meets the full disk: the study stops with the run's message; once
@@ -509,15 +505,11 @@ def test_study_on_a_disk_that_fills_stops_and_resumes(tmp_path, data_dir, cache_
       mount -o remount,size=20m {mount}
       {run("second")}
       """)
-  if proc.returncode == 90:
-    pytest.skip("tmpfs mount failed: " + proc.stderr)
-  assert proc.returncode == 0, proc.stderr
-  rc, err = _results(out, "first")
-  assert rc == 1, err[-3000:]
-  _check_write_error(err, f"{mount}/study/runs/base/vanilla/seed_0",
-                     "failed: no space left on device (",
-                     "rerunning the same command resumes from the last complete "
-                     "checkpoint, step ")
+  _skip_unless_the_script_ran(proc)
+  err = _write_error_of(out, "first", f"{mount}/study/runs/base/vanilla/seed_0",
+                        "failed: no space left on device (",
+                        "rerunning the same command resumes from the last complete "
+                        "checkpoint, step ")
   resumed = err.split("checkpoint, step ")[1].split(";")[0]
   rc, err = _results(out, "second")
   assert rc == 0, err[-3000:]
