@@ -18,16 +18,16 @@ from sparse_jax.pretrained import npz_vit
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
 
-def _config(checkpoint: str, num_classes: int = 5):
+def _config(checkpoint: str, num_classes: int = 5, image_size: int = 8):
   c = config_schema.apply_variant(config_schema.base_config(), "finetune")
-  c.image_size, c.num_classes = 8, num_classes
+  c.image_size, c.num_classes = image_size, num_classes
   c.batch_size = c.eval_batch_size = 2
   c.finetune.update(dict(checkpoint=checkpoint, lora_rank=0, trainable=""))
   return c
 
 
-def _imported(checkpoint: str, num_classes: int = 5):
-  config, source = finetune.configured(_config(checkpoint, num_classes))
+def _imported(checkpoint: str, num_classes: int = 5, image_size: int = 8):
+  config, source = finetune.configured(_config(checkpoint, num_classes, image_size))
   exp = train.build_experiment(config, source=source)
   return config, source, exp, train.init_state(exp).params
 
@@ -96,11 +96,52 @@ def test_another_label_set_keeps_the_runs_zero_head_and_gap_has_no_class_token(t
       1, 5)
 
 
+
+@pytest.mark.parametrize("checkpoint,token", [("npz:{}/vit_npz/model.npz", True),
+                                              ("npz:{}/vit_npz_map/model.npz", False)])
+def test_another_image_size_resizes_the_position_embeddings(tmp_path, checkpoint, token):
+  """8px images (2x2 patches of 4px) finetuned at 16px (4x4): the grid of position
+  embeddings is resized bilinearly, the class token's row kept; a sparse_jax export's
+  per-position zeroth biases alike. Resizing a linear ramp gives the ramp sampled at
+  the new patch centres (away from the edges)."""
+  checkpoint = checkpoint.format(FIXTURES)
+  _, source, _, params = _imported(checkpoint)
+  original = np.asarray(params["pos_embedding"])  # [1, token + 4, 16]
+  config, _, exp, resized = _imported(checkpoint, image_size=16)
+  assert config.image_size == 16
+  pos = np.asarray(resized["pos_embedding"])
+  assert pos.shape == (1, token + 16, 16)
+  np.testing.assert_array_equal(pos[:, :token], original[:, :token])
+  grid = pos[0, token:].reshape(4, 4, 16)
+  small = original[0, token:].reshape(2, 2, 16)
+  # Corners of a 2x2 -> 4x4 bilinear resize (half-pixel centres) are the old corners.
+  for (i, j), (a, b) in {(0, 0): (0, 0), (0, 3): (0, 1), (3, 0): (1, 0),
+                         (3, 3): (1, 1)}.items():
+    np.testing.assert_allclose(grid[i, j], small[a, b], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grid[1, 1], 0.75 * 0.75 * small[0, 0] + 0.75 * 0.25 * (
+      small[0, 1] + small[1, 0]) + 0.25 * 0.25 * small[1, 1], rtol=1e-5, atol=1e-6)
+  for p, v in traverse_util.flatten_dict(params).items():  # Nothing else changed.
+    if p != ("pos_embedding",) and p[-1] != "zeroth_bias":  # (The run's own: zero.)
+      np.testing.assert_array_equal(traverse_util.flatten_dict(resized)[p], v)
+  assert exp.model.apply({"params": resized}, np.zeros((1, 16, 16, 3)),
+                         train=False).shape == (1, 5)
+  # A sparse_jax export at 8px (zeroth biases per position) finetuned at 16px.
+  _, _, _, params8 = _imported(checkpoint)
+  params8 = jax.tree.map(lambda x: x + 0.25, params8)
+  path = source.export(params8, _imported(checkpoint)[0], str(tmp_path))
+  _, _, _, again = _imported(f"npz:{path}", image_size=16)
+  bias = np.asarray(again["block_0"]["mlp"]["zeroth_bias"])
+  assert bias.shape == (token + 16, 16)
+  np.testing.assert_array_equal(bias[:token], np.asarray(params8["block_0"]["mlp"][
+      "zeroth_bias"])[:token])
+  np.testing.assert_allclose(bias[token:], 0.25, rtol=1e-6)  # A constant table stays.
+
 def test_what_does_not_fit_is_named(tmp_path):
   c = _config(f"npz:{FIXTURES}/vit_npz/model.npz")
-  c.image_size = 16
-  with pytest.raises(ConfigError, match=r"trained on 8px images(.|\n)*\nFix: pass "
-                     r"--config.image_size=8\.$"):
+  c.image_size = 14  # Not a whole number of 4px patches.
+  with pytest.raises(ConfigError, match=r"image_size=14 is not a whole number of the "
+                     r"checkpoint's 4px patches(.|\n)*trained on 8px images(.|\n)*\nFix: "
+                     r"pass --config.image_size=16 \(or 8, the checkpoint's own\)\.$"):
     finetune.configured(c)
   t5 = config_schema.apply_variant(config_schema.t5_config(), "finetune")
   t5.finetune.checkpoint = f"npz:{FIXTURES}/vit_npz/model.npz"

@@ -6,9 +6,13 @@ config follows: width and patch from the patch embedding, depth from the blocks,
 from the query kernel, MLP width, class token or not, the representation layer, the
 classes and the image size (from the position embeddings). A head for another number
 of classes than the run's (ImageNet-21k -> 1k) is not read: the run's head starts at
-zero, as big_vision's finetuning does.
+zero, as big_vision's finetuning does. A run at another image size (224 -> 384 px, as
+finetuning at a higher resolution does) gets the position embeddings, and a sparse_jax
+export's per-position zeroth biases, resized: the patch grid bilinearly, the class
+token's row as it is.
 """
 import abc
+import logging
 import math
 from typing import Any, ClassVar
 
@@ -21,6 +25,22 @@ from sparse_jax.errors import ConfigError
 from sparse_jax.pretrained import base
 
 HEAD = (("head", "kernel"), ("head", "bias"))
+log = logging.getLogger("sparse_jax")
+
+
+def resized_positions(table: np.ndarray, class_token: bool, side: int) -> np.ndarray:
+  """A per-position table [..., tokens, d] (position embeddings, zeroth biases) for a
+  square patch grid, resized to `side` x `side` patches: the grid bilinearly (half-pixel
+  centres, antialiased when shrinking: `jax.image.resize`), the class token's row (the
+  first, if `class_token`) kept as it is."""
+  head, grid = table[..., :int(class_token), :], table[..., int(class_token):, :]
+  old = math.isqrt(grid.shape[-2])
+  grid = grid.reshape(*grid.shape[:-2], old, old, grid.shape[-1])
+  grid = np.asarray(jax.image.resize(grid.astype(np.float32),
+                                     (*grid.shape[:-3], side, side, grid.shape[-1]),
+                                     method="bilinear"))
+  grid = grid.reshape(*grid.shape[:-3], side * side, grid.shape[-1]).astype(table.dtype)
+  return np.concatenate([head, grid], axis=-2)
 
 
 class ViTSource(base.Source):
@@ -78,12 +98,14 @@ class ViTSource(base.Source):
     base.check_mixing_completes(config)
     keys = self.shape_config()
     image_size = keys.pop("image_size")
-    if config.image_size != image_size:
+    patch = keys["model.patch_size"]
+    if config.image_size != image_size and config.image_size % patch:
+      fits = max(patch, round(config.image_size / patch) * patch)
       raise ConfigError(
-          f"{self.describe()} was trained on {image_size}px images (its position "
-          f"embeddings), the config has image_size={config.image_size}; resizing "
-          f"position embeddings is not implemented.\nFix: pass "
-          f"--config.image_size={image_size}.")
+          f"image_size={config.image_size} is not a whole number of the checkpoint's "
+          f"{patch}px patches ({self.describe()} was trained on {image_size}px images); "
+          f"its position embeddings can be resized only to a whole grid.\nFix: pass "
+          f"--config.image_size={fits} (or {image_size}, the checkpoint's own).")
     activation = self.recorded().get("activation", self.activation)
     s = config.sparsity
     if s.activation == "mixed":
@@ -96,9 +118,28 @@ class ViTSource(base.Source):
   def param_shapes(self) -> base.Shapes:
     return {p: tuple(v.shape) for p, v in self.tensors().items()}
 
+  def tensors_at(self, positions: int) -> dict[base.Path, np.ndarray]:
+    """`tensors()` with the per-position tables (position embeddings, zeroth biases)
+    resized to a run of `positions` rows (class token included) where the checkpoint
+    has another number."""
+    tensors = self.tensors()
+    rows = tensors[("pos_embedding",)].shape[-2]
+    if rows == positions:
+      return tensors
+    token = ("cls",) in tensors
+    side = math.isqrt(positions - token)
+    old = math.isqrt(rows - token)
+    log.info("%s: position embeddings resized from %dx%d to %dx%d patches.",
+             self.describe(), old, old, side, side)
+    return {p: (resized_positions(v, token, side)
+                if p == ("pos_embedding",) or (p[-1] == "zeroth_bias" and v.ndim == 2
+                                               and v.shape[0] == rows) else v)
+            for p, v in tensors.items()}
+
   def read_params(self, shapes: Any, shardings: Any) -> dict[base.Path, jax.Array]:
-    source = self.param_shapes()
     flat = traverse_util.flatten_dict(shapes)
+    tensors = self.tensors_at(flat[("pos_embedding",)].shape[-2])
+    source = {p: tuple(v.shape) for p, v in tensors.items()}
     if HEAD[0] in source and HEAD[0] in flat and source[HEAD[0]] != tuple(
         flat[HEAD[0]].shape):
       # Another label set (e.g. ImageNet-21k -> 1k): the run's zero head stays.
@@ -107,5 +148,4 @@ class ViTSource(base.Source):
                           "Fix: finetune with the model keys the checkpoint gives (the "
                           "source sets them; do not override model.* on the command "
                           "line).")
-    tensors = self.tensors()
     return base.placed(lambda p: np.asarray(tensors[p]), source, shapes, shardings)
