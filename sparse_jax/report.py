@@ -692,7 +692,8 @@ def scale_figure(summary: dict[str, Any], out: epath.Path) -> tuple[str, str] | 
     x_of = lambda grid: (float(names.index(point_name_of(grid, keys))), "")
     xlabel = "grid point (" + ", ".join(keys) + ")"
   else:
-    others = [k for k in keys if k != axis]
+    # Keys that follow from the x axis (steps scaled with it) label no line either.
+    others = _label_keys(points, [axis] + [k for k in keys if k != axis])[1:]
     x_of = lambda grid: (float(grid[axis]), ", ".join(f"{k}={_fmt_value(grid[k])}"
                                                        for k in others))
     xlabel = axis
@@ -700,6 +701,24 @@ def scale_figure(summary: dict[str, Any], out: epath.Path) -> tuple[str, str] | 
                "Along the grid: " + ", ".join(keys), ratios=True)
   return "scale.png", ("Eval density (all and live units), dead-unit share, density "
                        "ratios to vanilla and eval accuracy/loss along the grid")
+
+
+def _label_keys(points: dict[str, Any], keys: list[str]) -> list[str]:
+  """The grid keys that name a line, in order: a key whose value follows from one kept
+  before it at every point (the steps and warmup scaled with the batch size in an
+  equal-epoch grid) adds nothing to the legend but length."""
+  grids = [p["grid"] for p in points.values()]
+
+  def follows(key: str, from_key: str) -> bool:
+    seen: dict[str, Any] = {}
+    return all(seen.setdefault(repr(g.get(from_key)), g.get(key)) == g.get(key)
+               for g in grids)
+
+  kept: list[str] = []
+  for key in keys:
+    if not any(follows(key, k) for k in kept):
+      kept.append(key)
+  return kept
 
 
 def noise_figure(summary: dict[str, Any], out: epath.Path) -> tuple[str, str] | None:
@@ -711,7 +730,7 @@ def noise_figure(summary: dict[str, Any], out: epath.Path) -> tuple[str, str] | 
   if len(points) < 2 or not all(k in keys for k in NOISE_KEYS):
     return None
   lr, batch = NOISE_KEYS
-  others = [k for k in keys if k != lr]
+  others = _label_keys(points, [batch] + [k for k in keys if k not in NOISE_KEYS])
   x_of = lambda grid: (float(grid[lr]) / float(grid[batch]),
                        ", ".join(f"{k}={_fmt_value(grid[k])}" for k in others))
   _grid_figure(summary, x_of, "noise scale: learning rate / batch size",

@@ -345,6 +345,19 @@ def test_report_over_learning_rate_and_batch(tmp_path):
   assert "eval live-unit density: sparsified / vanilla" in md
 
 
+
+def test_legend_leaves_out_keys_that_follow_from_another():
+  """An equal-epoch batch grid: steps and warmup scale with the batch, so the lines
+  are named by the batch alone; a key that varies on its own stays."""
+  from sparse_jax import report  # pylint: disable=import-outside-toplevel
+  points = {str(i): {"grid": {"batch_size": b, "num_steps": 19200 // b,
+                              "optimizer.warmup_steps": 1920 // b, "seed_offset": s}}
+            for i, (b, s) in enumerate([(16, 0), (32, 0), (64, 1), (64, 0)])}
+  keys = ["batch_size", "num_steps", "optimizer.warmup_steps", "seed_offset"]
+  assert report._label_keys(points, keys) == ["batch_size", "seed_offset"]  # pylint: disable=protected-access
+  # Keys that depend on each other: the first one given is the one kept.
+  assert report._label_keys(points, keys[1:3]) == ["num_steps"]  # pylint: disable=protected-access
+
 def test_report_ignores_config_keys_only_newer_runs_have(tmp_path):
   """Runs of two studies, the later one started after the schema gained a key: the key
   is not a grid axis; the learning rate, which both configs hold, is."""
