@@ -54,6 +54,17 @@ def snapshot(path) -> dict[str, str] | None:
   return out
 
 
+def assert_same_params(expected, actual) -> None:
+  """Two param trees hold the same paths with bitwise-equal arrays."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  a = traverse_util.flatten_dict(jax.device_get(expected))
+  b = traverse_util.flatten_dict(jax.device_get(actual))
+  assert a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(map(str, path)))
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *phrases: str) -> None:
   """The CLI stopped on bad input as promised: exit code 1, no traceback, a last line
   starting 'Fix:', and each phrase in its stderr."""

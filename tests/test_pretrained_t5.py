@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import REPO
+from conftest import REPO, assert_same_params
 from sparse_jax import config_schema, decoding, finetune, pretrained, train
 from sparse_jax.data import tokenizer
 from sparse_jax.errors import ConfigError
@@ -108,11 +108,7 @@ def test_export_then_import_gives_identical_params(tmp_path, name):
   assert (tmp_path / "export" / "spiece.model").exists() is not gated
   again, source2, exp2, params2 = _imported(f"hf:{out}")
   assert again.sparsity.mixing_source == "jsrelu" and again.model.max_len == 16
-  a = traverse_util.flatten_dict(jax.device_get(params))
-  b = traverse_util.flatten_dict(jax.device_get(params2))
-  assert a.keys() == b.keys()
-  for path in a:
-    np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(path))
+  assert_same_params(params, params2)
   # Exported again from the re-import: the same bytes.
   source2.export(params2, again, str(tmp_path / "export2"))
   assert ((tmp_path / "export" / "model.safetensors").read_bytes() ==
@@ -210,11 +206,7 @@ def test_a_run_trained_here_exports_to_the_hf_layout_and_imports_back(tmp_path):
   assert (tmp_path / "hf" / "spiece.model").read_bytes() == open(spiece, "rb").read()
   config, _, exp2, params2 = _imported(f"hf:{out}", variant="sparsified")
   assert config.sparsity.activation == "jsrelu" and config.model.max_len == 16
-  a = traverse_util.flatten_dict(jax.device_get(params))
-  b = traverse_util.flatten_dict(jax.device_get(params2))
-  assert a.keys() == b.keys()
-  for path in a:
-    np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(path))
+  assert_same_params(params, params2)
 
 
 def test_cli_finetunes_a_hf_t5_for_sparsity_and_exports_it(tmp_path, data_dir, cache_dir):

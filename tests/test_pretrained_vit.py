@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import REPO
+from conftest import REPO, assert_same_params
 from sparse_jax import config_schema, finetune, train
 from sparse_jax.errors import ConfigError
 from sparse_jax.pretrained import npz_vit
@@ -74,11 +74,7 @@ def test_export_in_the_sources_layout_then_import_gives_identical_params(tmp_pat
     assert hf["layer_norm_eps"] == 1e-12
   again, _, _, params2 = _imported(f"{source.format}:{path}")
   assert again.sparsity.mixing_source == "jsrelu"
-  a = traverse_util.flatten_dict(jax.device_get(params))
-  b = traverse_util.flatten_dict(jax.device_get(params2))
-  assert a.keys() == b.keys()
-  for p in a:
-    np.testing.assert_array_equal(a[p], b[p], err_msg="/".join(p))
+  assert_same_params(params, params2)
 
 
 def test_another_label_set_keeps_the_runs_zero_head_and_gap_has_no_class_token(tmp_path):
@@ -183,11 +179,7 @@ def test_big_vision_names_and_a_scanned_encoder_read_as_the_same_model(tmp_path)
   ref = np.load(os.path.join(FIXTURES, "vit_npz", "reference.npz"))
   *_, exp, params = _imported(f"npz:{tmp_path}/big_vision.npz")
   *_, original = _imported(f"npz:{FIXTURES}/vit_npz/model.npz")
-  a = traverse_util.flatten_dict(jax.device_get(params))
-  b = traverse_util.flatten_dict(jax.device_get(original))
-  assert a.keys() == b.keys()
-  for p in a:
-    np.testing.assert_array_equal(a[p], b[p])
+  assert_same_params(original, params)
   logits = exp.model.apply({"params": params}, ref["images"], train=False, mixing=0.0)
   np.testing.assert_allclose(logits, ref["logits"], rtol=0,
                              atol=3e-5 * np.abs(ref["logits"]).max())
