@@ -345,7 +345,6 @@ def test_report_over_learning_rate_and_batch(tmp_path):
   assert "eval live-unit density: sparsified / vanilla" in md
 
 
-
 def test_legend_leaves_out_keys_that_follow_from_another():
   """An equal-epoch batch grid: steps and warmup scale with the batch, so the lines
   are named by the batch alone; a key that varies on its own stays."""
@@ -357,6 +356,32 @@ def test_legend_leaves_out_keys_that_follow_from_another():
   assert report._label_keys(points, keys) == ["batch_size", "seed_offset"]  # pylint: disable=protected-access
   # Keys that depend on each other: the first one given is the one kept.
   assert report._label_keys(points, keys[1:3]) == ["num_steps"]  # pylint: disable=protected-access
+
+
+def test_ablation_ratios_divide_each_ablation_by_its_plain_variant():
+  """tools/ablation_ratios.py (the docs' module-ablation ratios): each group's densities
+  over its own plain variant's, vanilla and sparsified apart."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "ablation_ratios", os.path.join(REPO, "tools", "ablation_ratios.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+
+  def point(variant, values, **changed):
+    grid = {**tool.PLAIN[variant], **{f"sparsity.{k}": v for k, v in changed.items()}}
+    return {"grid": grid, "variants": {variant: {"metrics": {tool.METRIC: {
+        "values": values}}}}}
+
+  summary = {"points": {"a": point("vanilla", [0.4, 0.5]),
+                        "b": point("vanilla", [0.2, 0.25], weight_noise=0.1),
+                        "c": point("sparsified", [0.3, 0.3]),
+                        "d": point("sparsified", [0.6, 0.6], restricted_norm=False)}}
+  ratios = dict(tool.ablation_ratios(summary))
+  assert set(ratios) == {"vanilla with sparsity.weight_noise=0.1",
+                         "sparsified with sparsity.restricted_norm=False"}
+  assert ratios["vanilla with sparsity.weight_noise=0.1"].ratio == pytest.approx(0.5)
+  assert ratios["sparsified with sparsity.restricted_norm=False"].ratio == pytest.approx(2.0)
+
 
 def test_report_ignores_config_keys_only_newer_runs_have(tmp_path):
   """Runs of two studies, the later one started after the schema gained a key: the key
