@@ -65,6 +65,7 @@ def assert_same_params(expected, actual) -> None:
   for path in a:
     np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(map(str, path)))
 
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *phrases: str) -> None:
   """The CLI stopped on bad input as promised: exit code 1, no traceback, a last line
   starting 'Fix:', and each phrase in its stderr."""

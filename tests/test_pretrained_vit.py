@@ -92,16 +92,15 @@ def test_another_label_set_keeps_the_runs_zero_head_and_gap_has_no_class_token(t
       1, 5)
 
 
-
 @pytest.mark.parametrize("checkpoint,token", [("npz:{}/vit_npz/model.npz", True),
                                               ("npz:{}/vit_npz_map/model.npz", False)])
 def test_another_image_size_resizes_the_position_embeddings(tmp_path, checkpoint, token):
   """8px images (2x2 patches of 4px) finetuned at 16px (4x4): the grid of position
   embeddings is resized bilinearly, the class token's row kept; a sparse_jax export's
-  per-position zeroth biases alike. Resizing a linear ramp gives the ramp sampled at
-  the new patch centres (away from the edges)."""
+  per-position zeroth biases alike; checked at the corners and an inner point, whose
+  bilinear weights (half-pixel centres) are 3/4 and 1/4 per axis."""
   checkpoint = checkpoint.format(FIXTURES)
-  _, source, _, params = _imported(checkpoint)
+  config8, source, _, params = _imported(checkpoint)
   original = np.asarray(params["pos_embedding"])  # [1, token + 4, 16]
   config, _, exp, resized = _imported(checkpoint, image_size=16)
   assert config.image_size == 16
@@ -122,15 +121,15 @@ def test_another_image_size_resizes_the_position_embeddings(tmp_path, checkpoint
   assert exp.model.apply({"params": resized}, np.zeros((1, 16, 16, 3)),
                          train=False).shape == (1, 5)
   # A sparse_jax export at 8px (zeroth biases per position) finetuned at 16px.
-  _, _, _, params8 = _imported(checkpoint)
-  params8 = jax.tree.map(lambda x: x + 0.25, params8)
-  path = source.export(params8, _imported(checkpoint)[0], str(tmp_path))
+  params8 = jax.tree.map(lambda x: x + 0.25, params)
+  path = source.export(params8, config8, str(tmp_path))
   _, _, _, again = _imported(f"npz:{path}", image_size=16)
   bias = np.asarray(again["block_0"]["mlp"]["zeroth_bias"])
   assert bias.shape == (token + 16, 16)
   np.testing.assert_array_equal(bias[:token], np.asarray(params8["block_0"]["mlp"][
       "zeroth_bias"])[:token])
   np.testing.assert_allclose(bias[token:], 0.25, rtol=1e-6)  # A constant table stays.
+
 
 def test_what_does_not_fit_is_named(tmp_path):
   c = _config(f"npz:{FIXTURES}/vit_npz/model.npz")

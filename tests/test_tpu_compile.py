@@ -192,7 +192,6 @@ def test_tiny_programs_compile_with_mosaic_kernels(model):
   assert f"{plain.total_bytes / 2**30:.3f}" in row.split()
 
 
-
 @pytest.mark.parametrize("model", ["t5_gated", "vit_map"])
 def test_public_checkpoint_architectures_compile_for_tpu(model):
   """The model options public checkpoints bring (issue 25): T5 v1.1's gated GELU MLP
@@ -220,6 +219,7 @@ def test_public_checkpoint_architectures_compile_for_tpu(model):
   train = report.program("train_step")
   assert train.argument_bytes > 0 and train.mosaic_calls == 0
   assert any(c.kind == "all-reduce" for c in train.collectives)
+
 
 CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
                       if f.endswith(".py"))
